@@ -1,0 +1,34 @@
+"""RMSNorm (Zhang & Sennrich, 2019): rescale each row to unit root-mean-square, then a gain.
+
+    r = 1 / sqrt(mean(x^2) + eps)          one number per row
+    y = x * r * g
+"""
+import numpy as np
+
+EPS = 1e-6  # as in the reference (FlashLM v3) and the PyTorch peer
+
+
+def rmsnorm_forward(x, g, eps=EPS):
+    # x (..., C), g (C,) -> y (..., C)
+    """y = x * r * g with r = 1/sqrt(mean(x^2) + eps). Caches (x*r, r, g)."""
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = x * r
+    y = xhat * g
+    return y, (xhat, r, g)
+
+
+def rmsnorm_backward(dy, cache):
+    """Forward was y = xhat * g with xhat = x * r, r = (mean(x^2) + eps)^(-1/2).
+
+    dg = sum over rows of dy * xhat.
+    dx: let dxhat = dy * g. x reaches y directly and through r:
+        term 1 (direct):   dxhat * r
+        term 2 (through r): dr/dx_j = -r^3 x_j / C, so sum_i dxhat_i x_i * (-r^3 x_j / C)
+                          = -r * xhat_j * mean_i(dxhat_i * xhat_i)
+    """
+    xhat, r, g = cache
+    C = xhat.shape[-1]
+    dg = (dy * xhat).reshape(-1, C).sum(axis=0)
+    dxhat = dy * g
+    dx = r * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))  # term 1 + term 2
+    return dx, dg
