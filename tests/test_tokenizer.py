@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -116,7 +117,7 @@ def test_builds_without_network(no_network):
 def test_tampered_vocab_file_is_rejected(tmp_path, monkeypatch):
     vocab_bpe, encoder_json = local_vocab_files()
     bad = tmp_path / "vocab.bpe"
-    bad.write_bytes(open(vocab_bpe, "rb").read().replace(b"\xc4\xa0t", b"\xc4\xa0T", 1))
+    bad.write_bytes(Path(vocab_bpe).read_bytes().replace(b"\xc4\xa0t", b"\xc4\xa0T", 1))
     monkeypatch.setattr(tokenizer, "local_vocab_files", lambda: (str(bad), encoder_json))
     tokenizer.get_encoding.cache_clear()
     try:

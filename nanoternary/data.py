@@ -1,0 +1,777 @@
+"""Data: text -> GPT-2 token files on disk -> random (inputs, targets) batches.
+
+    python -m nanoternary.data                                   # FineWeb-Edu (or, offline, Python's docs)
+    python -m nanoternary.data --data '../shared/corpus/*.parquet' --json
+    python -m nanoternary.data --data book.txt --data 'notes/*.jsonl' --val-fraction 0.1
+
+    from nanoternary.data import prepare, get_batch, val_windows
+    data = prepare("../shared/corpus/*.parquet")       # TokenData: .train, .val (uint16), .meta, .path
+    x, y = get_batch(data.train, 8, 256, np.random.default_rng(0))   # (8, 256) int64, y = x shifted by 1
+    windows = val_windows(data.val, 8, 256, n_batches=20)             # a fixed evaluation set
+
+Where the text comes from (`prepare(data=...)`, `--data`):
+  - paths or globs (several allowed) of
+      .parquet  documents in a string column named `text` (FineWeb-Edu's layout; other columns are
+                ignored), read one row group at a time so memory stays bounded;
+      .jsonl    one JSON object per line, the document in its `text` field;
+      .txt      the whole file is one document, unless it contains `<|endoftext|>`, in which case
+                it is split there (and each piece stripped of surrounding whitespace);
+  - nothing (the default): FineWeb-Edu `sample-10BT` on the Hugging Face hub, the reference's data.
+    Only the parquet row groups needed for `max_tokens` (default 32M, the reference's amount) are
+    read, each saved under data/fineweb-edu/ and reused by later runs. When the hub cannot be
+    reached (no network, or HF_HUB_OFFLINE=1) one line says so and we fall back to a corpus built
+    from the documentation that ships with Python itself (pydoc's topic pages plus the stdlib's
+    docstrings, ~0.7k documents, ~0.6M tokens), saved once under data/python-docs/.
+Null or empty texts are skipped and counted.
+
+How it is tokenized (FlashLM v3 / GPT-2 conventions, llm.c's file habits):
+  - GPT-2 BPE (nanoternary/tokenizer.py), `encode_ordinary`, so a literal "<|endoftext|>" inside a
+    document is plain text, and the real separator <|endoftext|> = 50256 after every document.
+  - Documents go to train or validation by a seeded coin (P(val) = val_fraction, default 0.05 like
+    the reference's 95/5 split), in reading order, so the split is by document and the same for the
+    same seed. If the coin leaves one side empty (tiny inputs), the last document moves across.
+  - `max_tokens` caps the total (separators included); the document that crosses the cap is cut.
+  - Batches of documents are encoded on all cores (tiktoken's encode_ordinary_batch) while the
+    previous batch is written out, so the pipeline runs at tiktoken's own speed.
+
+The cache, data/tokens/<name>-<key>/, where key hashes the sources (path, size, mtime), the
+settings (val_fraction, seed, max_tokens), the tokenizer's name and vocabulary hash:
+    train.bin, val.bin   token ids as uint16 (GPT-2's ids are < 50257 < 2**16), no header
+    meta.json            sources, counts (documents, tokens, bytes per split), tokenizer; JSON
+Each file is written to a temporary name and renamed into place, meta.json last: a folder without
+a meta.json, or whose .bin sizes disagree with it, is never trusted and is rebuilt with a message.
+Delete a folder to rebuild it by hand.
+
+Bad input (a missing file, a glob matching nothing, an empty file, a file that is not parquet, a
+parquet without `text`, ...) raises DataError naming the file and the problem; the command prints it
+on one line and exits with status 1.
+"""
+
+import argparse
+import contextlib
+import glob
+import hashlib
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanoternary.tokenizer import get_encoding, vocab_hash
+
+FORMAT_VERSION = 1               # bump when the cache layout or the tokenization rules change
+DTYPE = np.uint16                # token ids on disk
+VAL_FRACTION = 0.05              # the reference's 95/5 train/validation split
+
+HUB_DATASET = "datasets/HuggingFaceFW/fineweb-edu"    # an HfFileSystem path
+HUB_SHARD = "sample/10BT/{:03d}_00000.parquet"        # shards 000, 001, ... of sample-10BT
+HUB_MAX_TOKENS = 32_000_000      # the reference read 30,000 documents = 32M tokens
+HUB_TIMEOUT = 15.0               # seconds to wait for the hub's first answer before going offline
+
+BATCH_CHARS = 1_000_000          # characters per encode_ordinary_batch call (~250k tokens)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, what is wrong with it, and what to do."""
+
+
+class HubUnreachable(Exception):
+    """The Hugging Face hub cannot be reached (no network, HF_HUB_OFFLINE, a timeout)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Local sources. Each reader yields chunks (texts, done), texts a list of str or None, and done the
+# number of the file's bytes read so far (for the progress bar).
+
+def expand_paths(data):
+    """Paths or globs (a string or a list of them) -> the list of files, in the order given."""
+    patterns = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not patterns:
+        raise DataError("no data given: pass one or more paths or globs")
+    files = []
+    for pattern in map(os.fspath, patterns):
+        path = os.path.expanduser(pattern)
+        if glob.has_magic(path):
+            matches = [p for p in sorted(glob.glob(path, recursive=True)) if os.path.isfile(p)]
+            if not matches:
+                raise DataError(f"{pattern!r} matches no files")
+        elif os.path.isdir(path):
+            raise DataError(f"{pattern}: is a directory; pass a glob such as '{pattern.rstrip('/')}/*.parquet'")
+        elif not os.path.exists(path):
+            raise DataError(f"{pattern}: no such file")
+        else:
+            matches = [path]
+        files += [os.path.abspath(p) for p in matches if os.path.abspath(p) not in files]
+    return files
+
+
+def file_kind(path):
+    ext = os.path.splitext(path)[1].lower()
+    kinds = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+             ".txt": "txt", ".text": "txt", ".md": "txt", ".rst": "txt"}
+    if ext not in kinds:
+        raise DataError(f"{path}: unsupported file type {ext!r}; use .parquet (with a 'text' column), "
+                        f".jsonl (a 'text' field per line) or .txt")
+    return kinds[ext]
+
+
+def open_parquet(path):
+    """pq.ParquetFile of a local file, checked: it is parquet and has a string `text` column."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a parquet file ({e})") from None
+    check_text_column(pf, path)
+    return pf
+
+
+def check_text_column(pf, name):
+    schema = pf.schema_arrow
+    if "text" not in schema.names:
+        raise DataError(f"{name}: no 'text' column (its columns: {', '.join(schema.names)}); "
+                        f"the documents must be in a string column named 'text', as in FineWeb-Edu")
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise DataError(f"{name}: column 'text' holds {text_type}, not strings")
+
+
+def check_file(path):
+    """Fail early, before any tokenizing, on a file we could not read."""
+    kind = file_kind(path)
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes)")
+    if kind == "parquet":
+        open_parquet(path)
+    return kind
+
+
+def read_parquet(path):
+    # nanochat's way: one row group at a time, only the `text` column
+    pf = open_parquet(path)
+    size, n = os.path.getsize(path), pf.num_row_groups
+    for i in range(n):
+        yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist(), size * (i + 1) // n
+
+
+def read_jsonl(path, lines_per_chunk=1000):
+    texts, done = [], 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            done += len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or "text" not in record:
+                what = f"fields: {', '.join(record)}" if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{path}:{lineno}: no 'text' field ({what}); each line must be an "
+                                f"object with the document in 'text'")
+            if record["text"] is not None and not isinstance(record["text"], str):
+                raise DataError(f"{path}:{lineno}: 'text' is a {type(record['text']).__name__}, not a string")
+            texts.append(record["text"])
+            if len(texts) == lines_per_chunk:
+                yield texts, done
+                texts = []
+    yield texts, done
+
+
+def read_txt(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    if "<|endoftext|>" in text:
+        yield [piece.strip() for piece in text.split("<|endoftext|>")], os.path.getsize(path)
+    else:
+        yield [text], os.path.getsize(path)
+
+
+def file_chunks(files):
+    """All files' chunks in order, as (texts, fraction of all the files' bytes read so far)."""
+    total = sum(os.path.getsize(p) for p in files)
+    readers = {"parquet": read_parquet, "jsonl": read_jsonl, "txt": read_txt}
+    before = 0
+    for path in files:
+        for texts, done in readers[file_kind(path)](path):
+            yield texts, (before + done) / total
+        before += os.path.getsize(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The default source: FineWeb-Edu on the Hugging Face hub, read one row group at a time.
+
+def hub_offline_reason():
+    """Why we must not use the network, or None. Honours huggingface_hub's HF_HUB_OFFLINE."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    return None
+
+
+def _call_with_timeout(fn, seconds):
+    """fn() in a helper thread; HubUnreachable if it has not answered within `seconds`.
+
+    A firewall that drops packets would otherwise leave us waiting on the HTTP client's retries.
+    """
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: B036 -- handed back to the caller below
+            result["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise HubUnreachable(f"no answer within {seconds:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _write_atomic(path, write):
+    """write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    _write_atomic(path, write)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _open_remote_parquet(fs, path):
+    """(file, pq.ParquetFile) of a parquet file on the hub, or None if there is no such file.
+    Reads just the footer (the schema and where each row group lies), not the data."""
+    reason = hub_offline_reason()
+    if reason:
+        raise HubUnreachable(reason)
+
+    def open_():
+        f = fs.open(path, "rb")
+        try:
+            return f, pq.ParquetFile(f)
+        except BaseException:
+            f.close()
+            raise
+    try:
+        f, pf = _call_with_timeout(open_, HUB_TIMEOUT)
+    except FileNotFoundError:
+        return None
+    except pa.ArrowInvalid as e:
+        raise DataError(f"hf://{path}: not a parquet file ({e})") from None
+    except HubUnreachable:
+        raise
+    except Exception as e:                  # ConnectError, OfflineModeIsEnabled, HTTP errors, ...
+        raise HubUnreachable(f"{type(e).__name__}: {e}") from e
+    check_text_column(pf, f"hf://{path}")
+    return f, pf
+
+
+def hub_chunks(fs, text_cache, stats):
+    """FineWeb-Edu's documents, shard after shard, row group after row group, as (texts, None).
+
+    fs is an fsspec filesystem holding HUB_DATASET (huggingface_hub.HfFileSystem in real use; the
+    tests pass a local one). Row group g of shard s is saved as
+    text_cache/sample/10BT/{s:03d}_00000/rg{g:05d}.parquet (just the `text` column) and read from
+    there next time. The remote shard is only opened when a row group is missing locally, and then
+    pyarrow fetches just that row group's `text` column (HTTP range requests), not the 2 GB file.
+    stats["row_groups_downloaded"] counts the row groups fetched.
+    """
+    for shard in itertools.count():
+        remote_path = f"{HUB_DATASET}/{HUB_SHARD.format(shard)}"
+        local_dir = os.path.join(text_cache, os.path.dirname(HUB_SHARD), f"{shard:03d}_00000")
+        info_path = os.path.join(local_dir, "shard.json")    # remembers the shard's row group count
+        n_groups = _read_json(info_path)["row_groups"] if os.path.exists(info_path) else None
+        with contextlib.ExitStack() as stack:
+            remote = None                                     # opened when first needed
+            group = 0
+            while n_groups is None or group < n_groups:
+                local = os.path.join(local_dir, f"rg{group:05d}.parquet")
+                if os.path.exists(local):                     # downloaded by an earlier run
+                    yield pq.read_table(local, columns=["text"]).column("text").to_pylist(), None
+                    group += 1
+                    continue
+                if remote is None:
+                    opened = _open_remote_parquet(fs, remote_path)
+                    if opened is None:                        # no such shard
+                        if shard == 0:
+                            raise DataError(f"hf://{remote_path} not found: has the dataset moved?")
+                        return                                # past the last shard: all read
+                    stack.callback(opened[0].close)
+                    remote = opened[1]
+                    n_groups = remote.num_row_groups
+                    _write_json(info_path, {"row_groups": n_groups})
+                    if group >= n_groups:
+                        break
+                try:
+                    table = remote.read_row_group(group, columns=["text"])
+                except Exception as e:
+                    raise HubUnreachable(f"reading row group {group} of {remote_path}: "
+                                         f"{type(e).__name__}: {e}") from e
+                _write_atomic(local, lambda tmp: pq.write_table(table, tmp))
+                stats["row_groups_downloaded"] += 1
+                yield table.column("text").to_pylist(), None
+                group += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline fallback: documentation text that ships with every Python installation.
+
+def python_docs_corpus(cache_dir="data", verbose=True, stdlib=None):
+    """Build (once) and return the path of a parquet of Python's own documentation text.
+
+    Documents: each of pydoc's topic pages (pydoc_data.topics: the language reference sections
+    `help()` shows), then for each stdlib module its docstring followed by the docstrings of its
+    public classes and functions. Sources are parsed with `ast`, never imported. stdlib: the
+    folder of modules to read (default: the whole standard library; the tests pass a small one).
+    """
+    import ast
+    import platform
+    import sysconfig
+
+    path = os.path.join(cache_dir, "python-docs", f"python-{platform.python_version()}.parquet")
+    if os.path.exists(path):
+        return path
+    if verbose:
+        print(f"building the Python documentation corpus {path} (once, about 10 s)", file=sys.stderr)
+    from pydoc_data.topics import topics
+    texts = [topics[name] for name in sorted(topics)]
+    urls = [f"pydoc:topics/{name}" for name in sorted(topics)]
+    stdlib = stdlib or sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    for folder, subfolders, names in os.walk(stdlib):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip)
+        for name in sorted(n for n in names if n.endswith(".py")):
+            source = os.path.join(folder, name)
+            try:
+                with open(source, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            parts = [ast.get_docstring(tree) or ""]
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and not node.name.startswith("_"):
+                        parts.append(f"{node.name}\n\n{doc}")
+            text = "\n\n".join(p for p in parts if p)
+            if text:
+                texts.append(text)
+                urls.append("stdlib:" + os.path.relpath(source, stdlib))
+    table = pa.table({"text": texts, "url": urls})
+    _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing into the cache.
+
+class Progress:
+    """A one-line progress bar on stderr: `tokenizing [#####-----]  48%  1.7M tokens  2.3M tok/s`."""
+
+    def __init__(self, label, enabled=True, stream=None):
+        self.label, self.enabled = label, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = self.last = time.time()
+
+    def update(self, fraction, tokens, documents, final=False):
+        now = time.time()
+        # redraw in place 10 times a second on a terminal; into a log file, one line every 10 s
+        if not self.enabled or (not final and now - self.last < (0.1 if self.tty else 10.0)):
+            return
+        self.last = now
+        rate = tokens / max(now - self.start, 1e-9)
+        fraction = min(max(fraction, 0.0), 1.0)
+        bar = "#" * int(20 * fraction) + "-" * (20 - int(20 * fraction))
+        eta = "" if final or fraction <= 0 else f"  eta {(now - self.start) * (1 / fraction - 1):.0f} s"
+        line = (f"{self.label} [{bar}] {100 * fraction:3.0f}%  {tokens:,} tokens  {documents:,} documents"
+                f"  {rate / 1e6:.2f}M tok/s{eta}")
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line + "\x1b[K" * self.tty, end=end, file=self.stream, flush=True)
+
+
+def encode_batch(enc, texts, num_threads):
+    """Token ids of each text (a list of lists), on num_threads threads; tiktoken's Rust core
+    releases the GIL, so the threads run in parallel. Module-level so tests can spy on it."""
+    return enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+
+def _text_batches(chunks, batch_chars):
+    """Regroup the source's chunks into (texts, skipped, fraction) batches of ~batch_chars
+    characters; null and empty texts are dropped here and counted in `skipped`."""
+    batch, chars, skipped, fraction = [], 0, 0, 0.0
+    for texts, fraction in chunks:
+        for text in texts:
+            if not text:
+                skipped += 1
+                continue
+            batch.append(text)
+            chars += len(text)
+            if chars >= batch_chars:
+                yield batch, skipped, fraction
+                batch, chars, skipped = [], 0, 0
+    if batch or skipped:
+        yield batch, skipped, fraction
+
+
+def _encoded_batches(chunks, enc, num_threads, batch_chars):
+    """(texts, skipped, fraction, ids) batches. Batch k+1 is read and encoded in the background
+    while the caller writes batch k, so writing costs no time on top of tiktoken's encoding."""
+    with ThreadPoolExecutor(max_workers=1) as background:
+        pending = None
+        for texts, skipped, fraction in _text_batches(chunks, batch_chars):
+            future = background.submit(encode_batch, enc, texts, num_threads)
+            if pending is not None:
+                yield pending[0], pending[1], pending[2], pending[3].result()
+            pending = (texts, skipped, fraction, future)
+        if pending is not None:
+            yield pending[0], pending[1], pending[2], pending[3].result()
+
+
+def _write_tokens(chunks, folder, enc, *, val_fraction, seed, max_tokens, num_threads, progress, label):
+    """Tokenize the chunks into folder/train.bin and folder/val.bin (both renamed into place at the
+    end); return the counts for meta.json."""
+    # uint16 holds every id because every id is <= max_token_value; checked once, for all tokens
+    if enc.max_token_value >= 2 ** 16:
+        raise DataError(f"tokenizer {enc.name} has ids up to {enc.max_token_value}, too many for uint16")
+    eot = enc.eot_token
+    rng = np.random.default_rng(seed)       # one coin per document, in reading order
+    names = ("train", "val")
+    counts = {k: 0 for k in ("documents", "skipped", "text_tokens", "tokens")}
+    for split in names:
+        counts.update({f"{split}_documents": 0, f"{split}_tokens": 0, f"{split}_bytes": 0})
+    counts["truncated"] = False
+    last = {}                               # split -> (ids, bytes) of its last document
+    tmp = {split: os.path.join(folder, f"{split}.bin.{os.getpid()}.tmp") for split in names}
+    try:
+        with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
+            out = {"train": f_train, "val": f_val}
+            for texts, skipped, fraction, ids in _encoded_batches(chunks, enc, num_threads, BATCH_CHARS):
+                counts["skipped"] += skipped
+                is_val = (rng.random(len(texts)) < val_fraction).tolist()
+                groups = {"train": [], "val": []}
+                for text, doc, v in zip(texts, ids, is_val):
+                    n_text = len(doc)
+                    doc.append(eot)                 # <|endoftext|> after every document
+                    room = None if max_tokens is None else max_tokens - counts["tokens"]
+                    if room == 0:
+                        break
+                    if room is not None and len(doc) > room:
+                        del doc[room:]                  # cut the document at the cap
+                        n_text = min(n_text, room)
+                        n_bytes = len(enc.decode_bytes(doc[:n_text]))   # the bytes of what is kept
+                        counts["truncated"] = True
+                    else:
+                        n_bytes = len(text.encode("utf-8"))
+                    split = names[v]
+                    groups[split].append(doc)
+                    counts["documents"] += 1
+                    counts["text_tokens"] += n_text
+                    counts["tokens"] += len(doc)
+                    counts[f"{split}_documents"] += 1
+                    counts[f"{split}_tokens"] += len(doc)
+                    counts[f"{split}_bytes"] += n_bytes
+                    last[split] = (doc, n_bytes)
+                for split, docs in groups.items():
+                    n = sum(map(len, docs))
+                    out[split].write(np.fromiter(itertools.chain.from_iterable(docs), DTYPE, n).tobytes())
+                if max_tokens is not None:
+                    fraction = max(fraction or 0.0, counts["tokens"] / max_tokens)
+                progress.update(fraction or 0.0, counts["tokens"], counts["documents"])
+                if counts["truncated"] or counts["tokens"] == max_tokens:
+                    break
+            # Tiny inputs: if the coin left a split empty, move the last document of the other.
+            for empty, full in (("val", "train"), ("train", "val")):
+                if counts[f"{empty}_documents"] == 0 and counts[f"{full}_documents"] >= 2 and 0 < val_fraction:
+                    doc, n_bytes = last[full]
+                    out[full].truncate(out[full].tell() - 2 * len(doc))
+                    out[full].seek(0, os.SEEK_END)
+                    out[empty].write(np.array(doc, DTYPE).tobytes())
+                    for key, amount in (("documents", 1), ("tokens", len(doc)), ("bytes", n_bytes)):
+                        counts[f"{full}_{key}"] -= amount
+                        counts[f"{empty}_{key}"] += amount
+        if counts["documents"] == 0:
+            raise DataError(f"no documents in {label}: all {counts['skipped']} texts are null or empty")
+        progress.update(1.0, counts["tokens"], counts["documents"], final=True)
+        for split in names:
+            os.replace(tmp[split], os.path.join(folder, f"{split}.bin"))
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache folder and its checks.
+
+@dataclass
+class TokenData:
+    """Token files of one prepared dataset. train, val: uint16 arrays (memory-mapped from disk)."""
+    train: np.ndarray
+    val: np.ndarray
+    meta: dict
+    path: str
+    cached: bool = field(default=False)   # True when loaded from an existing cache
+
+    def __repr__(self):
+        return (f"TokenData({self.path!r}, train={len(self.train):,} tokens, "
+                f"val={len(self.val):,} tokens, cached={self.cached})")
+
+
+def _cache_key(sources, settings, enc):
+    described = {"format": FORMAT_VERSION, "sources": sources, "settings": settings,
+                 "tokenizer": enc.name, "vocab_sha256": vocab_hash(enc)}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _open_tokens(path, n):
+    if n == 0:
+        return np.zeros(0, DTYPE)       # np.memmap cannot map an empty file
+    return np.memmap(path, dtype=DTYPE, mode="r", shape=(n,))
+
+
+def load_cache(folder, key=None, verbose=True):
+    """The TokenData in folder if complete and consistent, else None (with a message if a broken
+    cache was found there). key, when given, must match the one meta.json was written for."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        if os.path.isdir(folder) and os.listdir(folder):
+            print(f"cache {folder} is incomplete (no meta.json, an interrupted run?); rebuilding",
+                  file=sys.stderr)
+        return None
+    try:
+        meta = _read_json(meta_path)
+        problem = None
+        if meta.get("format") != FORMAT_VERSION:
+            problem = f"format {meta.get('format')}, expected {FORMAT_VERSION}"
+        elif key is not None and meta.get("key") != key:
+            problem = f"meta.json is for key {meta.get('key')}, expected {key}"
+        else:
+            for split in ("train", "val"):
+                path = os.path.join(folder, f"{split}.bin")
+                expected = meta[f"{split}_tokens"] * np.dtype(DTYPE).itemsize
+                actual = os.path.getsize(path) if os.path.exists(path) else None
+                if actual != expected:
+                    problem = (f"{split}.bin has {actual} bytes, meta.json says {expected}"
+                               if actual is not None else f"{split}.bin is missing")
+                    break
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"meta.json is unreadable ({type(e).__name__}: {e})"
+    if problem:
+        print(f"cache {folder} is corrupt ({problem}); rebuilding", file=sys.stderr)
+        return None
+    train = _open_tokens(os.path.join(folder, "train.bin"), meta["train_tokens"])
+    val = _open_tokens(os.path.join(folder, "val.bin"), meta["val_tokens"])
+    return TokenData(train, val, meta, folder, cached=True)
+
+
+def _build(folder, key, chunks, *, source, sources, settings, enc, num_threads, verbose, label, stats=None):
+    os.makedirs(folder, exist_ok=True)
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)                # from here on the folder is untrusted until the end
+    start = time.time()
+    try:
+        counts = _write_tokens(chunks, folder, enc, num_threads=num_threads,
+                               progress=Progress(label, verbose),
+                               label=", ".join(s["path"] for s in sources), **settings)
+    except BaseException:
+        if not os.listdir(folder):
+            os.rmdir(folder)                # leave no empty folder behind either
+        raise
+    seconds = time.time() - start
+    meta = {"format": FORMAT_VERSION, "key": key, "source": source, "sources": sources, **settings,
+            "tokenizer": enc.name, "n_vocab": enc.n_vocab, "vocab_sha256": vocab_hash(enc),
+            "eot": enc.eot_token, "dtype": np.dtype(DTYPE).name, **counts,
+            "seconds": round(seconds, 3), "tokens_per_s": round(counts["tokens"] / max(seconds, 1e-9)),
+            **(stats or {})}
+    _write_json(meta_path, meta)            # last: from now on the folder is trusted
+    data = load_cache(folder, key)
+    if data is None:
+        raise RuntimeError(f"{folder}: the cache just written does not check out")
+    data.cached = False
+    if verbose and data.meta["val_documents"] == 0 and settings["val_fraction"] > 0:
+        print(f"note: only {data.meta['documents']} document(s), so the validation split is empty",
+              file=sys.stderr)
+    return data
+
+
+def _check_settings(val_fraction, max_tokens):
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"max_tokens must be positive, got {max_tokens}")
+
+
+def prepare(data=None, *, max_tokens=None, val_fraction=VAL_FRACTION, seed=0, cache_dir="data",
+            verbose=True, num_threads=None, hub_fs=None):
+    """Tokenize `data` into cache_dir/tokens/ (or reuse the cache) and return its TokenData.
+
+    data: None for FineWeb-Edu (falling back to Python's documentation when offline), or a path
+    or glob, or a list of them (.parquet with a `text` column, .jsonl, .txt).
+    max_tokens: cap on the total tokens, separators included (None: all of the files; for
+    FineWeb-Edu, HUB_MAX_TOKENS). num_threads: for tiktoken (default: all cores). hub_fs: the
+    fsspec filesystem standing in for the hub (default: huggingface_hub.HfFileSystem()).
+    """
+    _check_settings(val_fraction, max_tokens)
+    enc = get_encoding()
+    num_threads = num_threads or os.cpu_count() or 1
+    tokens_dir = os.path.join(cache_dir, "tokens")
+    if data is None:
+        settings = {"val_fraction": val_fraction, "seed": seed,
+                    "max_tokens": HUB_MAX_TOKENS if max_tokens is None else max_tokens}
+        sources = [{"path": f"hf://{HUB_DATASET}/{HUB_SHARD.format(0).replace('000', '*')}"}]
+        key = _cache_key(sources, settings, enc)
+        folder = os.path.join(tokens_dir, f"fineweb-edu-{key}")
+        cached = load_cache(folder, key, verbose)
+        if cached is not None:
+            return cached
+        if hub_fs is None and not hub_offline_reason():
+            from huggingface_hub import HfFileSystem
+            hub_fs = HfFileSystem()
+        stats = {"row_groups_downloaded": 0}
+        try:
+            return _build(folder, key, hub_chunks(hub_fs, os.path.join(cache_dir, "fineweb-edu"), stats),
+                          source="fineweb-edu", sources=sources, settings=settings, enc=enc,
+                          num_threads=num_threads, verbose=verbose, label="fineweb-edu", stats=stats)
+        except HubUnreachable as e:
+            corpus = python_docs_corpus(cache_dir, verbose)
+            print(f"FineWeb-Edu cannot be reached ({e}); using Python's own documentation instead "
+                  f"({corpus}); pass --data to train on your own files", file=sys.stderr, flush=True)
+            return _prepare_files([corpus], "python-docs", max_tokens, val_fraction, seed, tokens_dir,
+                                  enc, num_threads, verbose)
+    return _prepare_files(expand_paths(data), "files", max_tokens, val_fraction, seed, tokens_dir,
+                          enc, num_threads, verbose)
+
+
+def _prepare_files(files, source, max_tokens, val_fraction, seed, tokens_dir, enc, num_threads, verbose):
+    for path in files:
+        check_file(path)
+    sources = [{"path": p, "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in files]
+    settings = {"val_fraction": val_fraction, "seed": seed, "max_tokens": max_tokens}
+    key = _cache_key(sources, settings, enc)
+    name = source if source != "files" else "".join(
+        c if c.isalnum() or c in "-_." else "_" for c in os.path.splitext(os.path.basename(files[0]))[0])
+    folder = os.path.join(tokens_dir, f"{name}-{key}")
+    cached = load_cache(folder, key, verbose)
+    if cached is not None:
+        return cached
+    return _build(folder, key, file_chunks(files), source=source, sources=sources, settings=settings,
+                  enc=enc, num_threads=num_threads, verbose=verbose, label=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches.
+
+def get_batch(tokens, batch_size, seq_len, rng):
+    """batch_size random windows of seq_len + 1 tokens -> inputs x and targets y, both (B, T) int64,
+    with y[b, t] = x[b, t + 1] (the next token). Deterministic for the state of rng."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{len(tokens):,} tokens are fewer than one window of seq_len + 1 = {seq_len + 1}")
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)          # (B,)
+    window = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)  # (B, T+1)
+    return np.ascontiguousarray(window[:, :-1]), np.ascontiguousarray(window[:, 1:])
+
+
+def val_windows(tokens, batch_size, seq_len, n_batches, seed=0):
+    """A fixed evaluation set: a list of n_batches (x, y) batches of non-overlapping windows, drawn
+    with `seed`. If the split holds fewer than batch_size * n_batches windows, all of them are used,
+    in as many full batches as they fill (or one smaller batch), so every batch has the same size
+    and a plain mean of per-batch losses is the mean over windows."""
+    n_windows = (len(tokens) - 1) // seq_len       # window i: tokens[i*T : i*T + T + 1]
+    if n_windows < 1:
+        raise ValueError(f"the validation split has {len(tokens):,} tokens, fewer than one window of "
+                         f"seq_len + 1 = {seq_len + 1}; use more data, a larger val_fraction or a shorter seq_len")
+    wanted = batch_size * n_batches
+    if n_windows < wanted:
+        n_batches = max(1, n_windows // batch_size)
+        batch_size = min(batch_size, n_windows)
+        wanted = batch_size * n_batches
+    chosen = np.sort(np.random.default_rng(seed).choice(n_windows, size=wanted, replace=False))
+    batches = []
+    for b in range(n_batches):
+        starts = chosen[b * batch_size:(b + 1) * batch_size] * seq_len
+        window = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+        batches.append((np.ascontiguousarray(window[:, :-1]), np.ascontiguousarray(window[:, 1:])))
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+def summary(data):
+    """The human-readable table the command prints."""
+    m = data.meta
+    how = "cached" if data.cached else f"built in {m['seconds']:.1f} s, {m['tokens_per_s'] / 1e6:.2f}M tokens/s"
+    rows = [f"{data.path} ({how})",
+            f"{'':8}{'documents':>12}{'tokens':>14}{'bytes':>16}"]
+    for split in ("train", "val"):
+        rows.append(f"{split:8}{m[split + '_documents']:>12,}{m[split + '_tokens']:>14,}{m[split + '_bytes']:>16,}")
+    rows.append(f"{'total':8}{m['documents']:>12,}{m['tokens']:>14,}{m['train_bytes'] + m['val_bytes']:>16,}")
+    rows.append(f"tokens = {m['text_tokens']:,} text tokens + {m['tokens'] - m['text_tokens']:,} <|endoftext|>; "
+                f"{m['skipped']:,} null or empty texts skipped" + ("; last document cut at max_tokens" if m["truncated"] else ""))
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m nanoternary.data",
+        description="Tokenize text into GPT-2 token files under data/tokens/ (reused when unchanged) "
+                    "and print document and token counts for train and validation.")
+    parser.add_argument("--data", action="append", metavar="GLOB",
+                        help="a path or glob of .parquet (column 'text'), .jsonl or .txt files; repeat for more "
+                             "(default: FineWeb-Edu sample-10BT, or Python's documentation when offline)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help=f"cap on tokens, separators included (default: all; FineWeb-Edu: {HUB_MAX_TOKENS:,})")
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                        help=f"share of documents held out for validation (default: {VAL_FRACTION})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    parser.add_argument("--cache-dir", default="data", help="where caches go (default: data)")
+    parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        data = prepare(args.data, max_tokens=args.max_tokens, val_fraction=args.val_fraction, seed=args.seed,
+                       cache_dir=args.cache_dir, verbose=not args.quiet, num_threads=args.threads)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({"path": data.path, "cached": data.cached, **data.meta}))
+    else:
+        print(summary(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
