@@ -232,13 +232,17 @@ class Model:
         return dx
 
     def _backward_hidden(self, dh, cache, grads, embed_grad=True):
-        # dh (B*T, C) -> grads (accumulated in place): the forward_hidden list, reversed
+        # dh (B*T, C) -> grads (accumulated in place): the forward_hidden list, reversed.
+        # Returns the gradients at the input of each block application (for the tests).
         c_embed, block_caches, c_norm_f, q, (B, T, C) = cache
         dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(B, T, C), c_norm_f)
+        dxs = []
         for c in reversed(block_caches):             # the same weights: gradients summed
             dx = self._block_backward(dx, c, q, grads)
+            dxs.insert(0, dx)
         if embed_grad:                               # tied: head's dE already in grads["embed.w"]
             embedding_backward(dx, c_embed, dE=grads["embed.w"])
+        return dxs
 
     # ------------------------------------------------------------------ the interface
 

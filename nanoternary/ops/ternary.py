@@ -90,7 +90,7 @@ def addsub_plan(wt):
 
 def _segment_sums(vals, counts):
     # vals (N, nnz), counts (O,) with sum(counts) == nnz -> (N, O): sum of each run of columns
-    out = np.zeros((vals.shape[0], counts.shape[0]), dtype=vals.dtype)
+    out = np.zeros_like(vals, shape=(vals.shape[0], counts.shape[0]))
     nonempty = counts > 0
     if vals.shape[1] == 0:
         return out

@@ -1,0 +1,78 @@
+"""The hierarchical softmax head: gradients, exact normalisation, the class map."""
+import numpy as np
+import pytest
+
+from gradcheck import check_grad, numerical_grad
+from nanoternary.model import Model, ModelConfig
+from nanoternary.ops.hier_head import ClassMap, hier_ce_fused, hier_log_probs, hier_nll
+
+
+@pytest.fixture
+def setup():
+    r = np.random.default_rng(7)
+    V, C, n_cls, N = 29, 5, 5, 12
+    counts = r.integers(0, 100, V) ** 2
+    cmap = ClassMap.from_counts(counts, n_cls)
+    return r, cmap, r.standard_normal((N, C)), r.standard_normal((V, C)), r.standard_normal((n_cls, C)), r.integers(0, V, N)
+
+
+@pytest.mark.parametrize("eps,z,use_rows", [(0.0, 0.0, False), (0.1, 1e-3, False), (0.2, 0.05, True)])
+def test_hier_head_gradients(setup, eps, z, use_rows):
+    r, cmap, h, E, Wc, y = setup
+    rows = np.sort(r.choice(len(y), 7, replace=False)) if use_rows else None
+    loss, dh, dE, dWc = hier_ce_fused(h, E, Wc, cmap, y, rows, eps, z)
+    f = lambda: hier_ce_fused(h, E, Wc, cmap, y, rows, eps, z)[0]
+    check_grad("hier: h", dh, numerical_grad(f, h))
+    check_grad("hier: E", dE, numerical_grad(f, E))
+    check_grad("hier: W_c", dWc, numerical_grad(f, Wc))
+    if not eps and not z and rows is None:
+        assert abs(loss - hier_nll(h, E, Wc, cmap, y).mean()) < 1e-12
+
+
+def test_probabilities_sum_to_one(setup):
+    r, cmap, h, E, Wc, y = setup
+    for scale in (0.1, 1.0, 10.0):
+        lp = hier_log_probs(h * scale, E, Wc, cmap)
+        np.testing.assert_allclose(np.exp(lp).sum(1), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(-lp[np.arange(len(y)), y], hier_nll(h * scale, E, Wc, cmap, y), rtol=1e-12)
+
+
+def test_class_map_frequency_binning():
+    V = 1000
+    counts = (1e6 / (np.arange(V) + 1.0)).astype(np.int64)      # Zipf
+    cmap = ClassMap.from_counts(counts, 30)
+    assert cmap.n_classes == 30
+    sizes = np.diff(cmap.offsets)
+    assert sizes.min() >= 1 and sizes.sum() == V
+    assert sizes[cmap.token_class[0]] < sizes[cmap.token_class[V - 1]], "frequent tokens share small classes"
+    # every token exactly once; positions index the members
+    assert np.array_equal(np.sort(cmap.order), np.arange(V))
+    for c in (0, 7, 29):
+        m = cmap.members(c)
+        assert np.all(cmap.token_class[m] == c) and np.array_equal(cmap.position[m], np.arange(m.size))
+    # deterministic, and the same from a saved state
+    again = ClassMap.from_counts(counts.copy(), 30)
+    assert np.array_equal(again.token_class, cmap.token_class)
+    assert np.array_equal(ClassMap.from_state(cmap.state()).order, cmap.order)
+    assert np.array_equal(ClassMap.default(V, 30).token_class, ClassMap.default(V, 30).token_class)
+
+
+def test_class_map_handles_a_dominant_token():
+    counts = np.ones(50)
+    counts[3] = 1e9                                               # more than one bin of mass
+    cmap = ClassMap.from_counts(counts, 8)
+    assert cmap.n_classes == 8 and np.diff(cmap.offsets).min() >= 1
+    assert np.diff(cmap.offsets)[cmap.token_class[3]] == 1
+
+
+def test_hier_model_interface():
+    cfg = ModelConfig(vocab_size=40, d_model=8, glu_hidden=12, dilations=(1, 2), kernel_size=2,
+                      conv_groups=2, head="hier", hier_classes=6, ternary=False)
+    m = Model(cfg, seed=0, dtype=np.float64)
+    assert m.params["head.class_w"].shape == (6, 8)
+    r = np.random.default_rng(0)
+    idx, tgt = r.integers(0, 40, (2, 5)), r.integers(0, 40, (2, 5))
+    loss, grads = m.loss_and_grads(idx, tgt)
+    assert abs(loss - m.loss(idx, tgt)) < 1e-12
+    for name in ("head.class_w", "embed.w", "block.glu.down.w"):
+        check_grad(name, grads[name], numerical_grad(lambda: m.loss(idx, tgt), m.params[name]))
