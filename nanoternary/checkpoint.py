@@ -1,0 +1,122 @@
+"""Checkpoints: one .npz file per checkpoint, written atomically, validated on load.
+
+Inside the file (np.savez, no pickle):
+    param/<name>    the model's latent float weights, one array per parameter
+    opt/<key>       optimizer and EMA state (flat dicts from their state_dict(), keys prefixed)
+    cmap/<key>      the hierarchical head's class map, when the model has one
+    meta            a JSON document: format version, model config, step, tokens seen, random
+                    state, training arguments, data fingerprint, validation loss
+
+A run folder holds `latest.npz` (every save) and `best.npz` (best validation loss so far).
+`Model.load(path)` takes either file or the folder (then `latest.npz`).
+
+Writes go to `<name>.tmp` first, are flushed to disk, then renamed over the old file: a crash or a
+full disk in the middle leaves the previous checkpoint as it was. On load, the zip's CRC checks
+catch a truncated or corrupted file, and the config is checked against the arrays, so a damaged
+or foreign file gives a CheckpointError that says what is wrong instead of a model with garbage.
+"""
+import json
+import os
+import zipfile
+
+import numpy as np
+
+FORMAT = "nanoternary-checkpoint-1"
+LATEST, BEST = "latest.npz", "best.npz"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, damaged, or from another configuration."""
+
+
+def save_checkpoint(path, params, meta, opt_state=None, class_map=None):
+    """Write params (+ optimizer state, class map) and the JSON `meta` to `path`, atomically."""
+    arrays = {f"param/{k}": v for k, v in params.items()}
+    for k, v in (opt_state or {}).items():
+        arrays[f"opt/{k}"] = np.asarray(v)
+    for k, v in (class_map or {}).items():
+        arrays[f"cmap/{k}"] = np.asarray(v)
+    meta = {"format": FORMAT, **meta}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resolve(path):
+    """A checkpoint file, or a run folder -> its latest.npz."""
+    if os.path.isdir(path):
+        f = os.path.join(path, LATEST)
+        if not os.path.exists(f):
+            raise CheckpointError(f"no checkpoint in {path}/ (looked for {LATEST}): "
+                                  f"train one first with `python train.py --out {path}`")
+        return f
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: train one first with `python train.py`")
+    return path
+
+
+def load_checkpoint(path):
+    """-> (params, meta, opt_state, class_map_state), each a dict; raises CheckpointError."""
+    path = resolve(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}       # reading every member checks every CRC
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a readable nanoternary checkpoint ({type(e).__name__}: {e}); "
+                              "it may be truncated or corrupt: use the run's other checkpoint "
+                              "(latest.npz / best.npz) or train again") from None
+    if "meta" not in arrays:
+        raise CheckpointError(f"{path} is a .npz file but not a nanoternary checkpoint (no 'meta' entry)")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: its metadata is damaged ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    groups = {"param": {}, "opt": {}, "cmap": {}}
+    for k, v in arrays.items():
+        prefix, _, name = k.partition("/")
+        if prefix not in groups:
+            raise CheckpointError(f"{path}: unexpected entry {k!r}")
+        groups[prefix][name] = v
+    return groups["param"], meta, groups["opt"], groups["cmap"]
+
+
+def load_model(path, dtype=None):
+    """A Model with the checkpoint's config and weights (dtype: the saved one unless given)."""
+    from .model import Model, ModelConfig, param_shapes
+    params, meta, _, cmap_state = load_checkpoint(path)
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{resolve(path)}: its model config is missing or invalid ({e})") from None
+    check_params(params, param_shapes(cfg), resolve(path))
+    dtype = np.dtype(dtype) if dtype is not None else next(iter(params.values())).dtype
+    class_map = None
+    if cfg.head == "hier" and cmap_state:
+        from .ops.hier_head import ClassMap
+        class_map = ClassMap.from_state(cmap_state)
+    model = Model(cfg, seed=0, dtype=dtype, class_map=class_map)
+    for k, v in params.items():
+        model.params[k] = np.ascontiguousarray(v, dtype=dtype)
+    model.meta = meta
+    return model
+
+
+def check_params(params, shapes, where):
+    """Every expected tensor present with its shape, nothing else: or a CheckpointError naming it."""
+    missing = sorted(set(shapes) - set(params))
+    extra = sorted(set(params) - set(shapes))
+    if missing or extra:
+        raise CheckpointError(f"{where} does not match its configuration: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    for k, shape in shapes.items():
+        if tuple(params[k].shape) != tuple(shape):
+            raise CheckpointError(f"{where}: {k} has shape {tuple(params[k].shape)}, the configuration "
+                                  f"needs {tuple(shape)}")
+        if not np.isfinite(params[k]).all():
+            raise CheckpointError(f"{where}: {k} contains NaN or infinite values")
