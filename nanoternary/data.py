@@ -1,7 +1,7 @@
 """Data: text -> GPT-2 token files on disk -> random (inputs, targets) batches.
 
     python -m nanoternary.data                                   # FineWeb-Edu (or, offline, Python's docs)
-    python -m nanoternary.data --data '../shared/corpus/*.parquet' --json
+    python -m nanoternary.data --data '../shared/corpus/*.parquet' --json   # one JSON object
     python -m nanoternary.data --data book.txt --data 'notes/*.jsonl' --val-fraction 0.1
 
     from nanoternary.data import prepare, get_batch, val_windows
@@ -31,13 +31,17 @@ How it is tokenized (FlashLM v3 / GPT-2 conventions, llm.c's file habits):
     the reference's 95/5 split), in reading order, so the split is by document and the same for the
     same seed. If the coin leaves one side empty (tiny inputs), the last document moves across.
   - `max_tokens` caps the total (separators included); the document that crosses the cap is cut.
-  - Batches of documents are encoded on all cores (tiktoken's encode_ordinary_batch) while the
-    previous batch is written out, so the pipeline runs at tiktoken's own speed.
+  - Batches of ~1M characters are encoded on all cores (a thread pool over tiktoken, whose Rust
+    core releases the GIL) while the previous batch is written out, so the pipeline runs at
+    tiktoken's own speed: `python -m nanoternary.data --data GLOB --bench` measures both.
 
 The cache, data/tokens/<name>-<key>/, where key hashes the sources (path, size, mtime), the
 settings (val_fraction, seed, max_tokens), the tokenizer's name and vocabulary hash:
     train.bin, val.bin   token ids as uint16 (GPT-2's ids are < 50257 < 2**16), no header
-    meta.json            sources, counts (documents, tokens, bytes per split), tokenizer; JSON
+    meta.json            sources, settings, tokenizer name and vocabulary hash, and the counts:
+                         documents, skipped (null/empty texts), text_tokens, tokens (= text_tokens
+                         + one separator per document), {train,val}_{documents,tokens,bytes} with
+                         bytes the UTF-8 bytes of the split's texts (for bits per byte)
 Each file is written to a temporary name and renamed into place, meta.json last: a folder without
 a meta.json, or whose .bin sizes disagree with it, is never trusted and is rebuilt with a message.
 Delete a folder to rebuild it by hand.
@@ -49,6 +53,7 @@ on one line and exits with status 1.
 
 import argparse
 import contextlib
+import functools
 import glob
 import hashlib
 import itertools
@@ -391,7 +396,8 @@ def python_docs_corpus(cache_dir="data", verbose=True, stdlib=None):
 # Tokenizing into the cache.
 
 class Progress:
-    """A one-line progress bar on stderr: `tokenizing [#####-----]  48%  1.7M tokens  2.3M tok/s`."""
+    """A one-line progress bar on stderr:
+    `pydocs-00000 [#########-----------]  48%  1,702,311 tokens  1,340 documents  2.31M tok/s  eta 1 s`"""
 
     def __init__(self, label, enabled=True, stream=None):
         self.label, self.enabled = label, enabled
@@ -415,10 +421,24 @@ class Progress:
         print(("\r" if self.tty else "") + line + "\x1b[K" * self.tty, end=end, file=self.stream, flush=True)
 
 
-def encode_batch(enc, texts, num_threads):
-    """Token ids of each text (a list of lists), on num_threads threads; tiktoken's Rust core
-    releases the GIL, so the threads run in parallel. Module-level so tests can spy on it."""
-    return enc.encode_ordinary_batch(texts, num_threads=num_threads)
+def encode_one(enc, text):
+    """One document's GPT-2 ids as a uint32 array, "<|endoftext|>" in it encoded as plain text.
+
+    The same ids as tiktoken's encode_ordinary, but handed over as a numpy array, never as a list
+    of Python ints: making a Python int per token needs the GIL, which would serialize the threads,
+    and the list would then have to be converted. This keeps the pipeline at tiktoken's own speed.
+    """
+    try:
+        return enc.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:              # lone surrogates (from JSON "\ud800"): tiktoken's own fix
+        return np.array(enc.encode_ordinary(text), dtype=np.uint32)
+
+
+def encode_batch(enc, texts, pool):
+    """Each text's ids (uint32 arrays), encoded on the pool's threads; tiktoken's Rust core releases
+    the GIL, so they run in parallel. Returns at once, an iterator of the results in order, while
+    the work goes on in the background. (What tiktoken's encode_ordinary_batch does, with arrays.)"""
+    return pool.map(functools.partial(encode_one, enc), texts)
 
 
 def _text_batches(chunks, batch_chars):
@@ -439,18 +459,19 @@ def _text_batches(chunks, batch_chars):
         yield batch, skipped, fraction
 
 
-def _encoded_batches(chunks, enc, num_threads, batch_chars):
-    """(texts, skipped, fraction, ids) batches. Batch k+1 is read and encoded in the background
-    while the caller writes batch k, so writing costs no time on top of tiktoken's encoding."""
-    with ThreadPoolExecutor(max_workers=1) as background:
+def _encoded_batches(chunks, enc, num_threads):
+    """(texts, skipped, fraction, ids) batches. Batch k+1 is read and handed to the encoding
+    threads before batch k is given to the caller to write, so reading and writing overlap with
+    tiktoken's work instead of adding to it."""
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
         pending = None
-        for texts, skipped, fraction in _text_batches(chunks, batch_chars):
-            future = background.submit(encode_batch, enc, texts, num_threads)
+        for texts, skipped, fraction in _text_batches(chunks, BATCH_CHARS):
+            ids = encode_batch(enc, texts, pool)             # starts encoding batch k+1
             if pending is not None:
-                yield pending[0], pending[1], pending[2], pending[3].result()
-            pending = (texts, skipped, fraction, future)
+                yield pending[0], pending[1], pending[2], list(pending[3])   # waits for batch k
+            pending = (texts, skipped, fraction, ids)
         if pending is not None:
-            yield pending[0], pending[1], pending[2], pending[3].result()
+            yield pending[0], pending[1], pending[2], list(pending[3])
 
 
 def _write_tokens(chunks, folder, enc, *, val_fraction, seed, max_tokens, num_threads, progress, label):
@@ -459,7 +480,7 @@ def _write_tokens(chunks, folder, enc, *, val_fraction, seed, max_tokens, num_th
     # uint16 holds every id because every id is <= max_token_value; checked once, for all tokens
     if enc.max_token_value >= 2 ** 16:
         raise DataError(f"tokenizer {enc.name} has ids up to {enc.max_token_value}, too many for uint16")
-    eot = enc.eot_token
+    eot = np.array([enc.eot_token], dtype=np.uint32)
     rng = np.random.default_rng(seed)       # one coin per document, in reading order
     names = ("train", "val")
     counts = {k: 0 for k in ("documents", "skipped", "text_tokens", "tokens")}
@@ -471,48 +492,49 @@ def _write_tokens(chunks, folder, enc, *, val_fraction, seed, max_tokens, num_th
     try:
         with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
             out = {"train": f_train, "val": f_val}
-            for texts, skipped, fraction, ids in _encoded_batches(chunks, enc, num_threads, BATCH_CHARS):
+            for texts, skipped, fraction, ids in _encoded_batches(chunks, enc, num_threads):
                 counts["skipped"] += skipped
                 is_val = (rng.random(len(texts)) < val_fraction).tolist()
-                groups = {"train": [], "val": []}
+                pieces = {"train": [], "val": []}           # arrays to write: doc, eot, doc, eot...
                 for text, doc, v in zip(texts, ids, is_val):
-                    n_text = len(doc)
-                    doc.append(eot)                 # <|endoftext|> after every document
                     room = None if max_tokens is None else max_tokens - counts["tokens"]
                     if room == 0:
                         break
-                    if room is not None and len(doc) > room:
-                        del doc[room:]                  # cut the document at the cap
-                        n_text = min(n_text, room)
-                        n_bytes = len(enc.decode_bytes(doc[:n_text]))   # the bytes of what is kept
+                    # the UTF-8 bytes of the text (for bits per byte); surrogatepass counts a lone
+                    # surrogate as 3 bytes, like the U+FFFD tiktoken encodes in its place
+                    n_bytes = len(text.encode("utf-8", "surrogatepass"))
+                    doc_pieces = [doc, eot]                 # <|endoftext|> after every document
+                    if room is not None and len(doc) + 1 > room:
+                        doc = doc[:room]                    # cut the document at the cap
+                        doc_pieces = [doc]
+                        n_bytes = len(enc.decode_bytes(doc.tolist()))   # the bytes of what is kept
                         counts["truncated"] = True
-                    else:
-                        n_bytes = len(text.encode("utf-8"))
+                    n_tokens = sum(len(p) for p in doc_pieces)
                     split = names[v]
-                    groups[split].append(doc)
+                    pieces[split] += doc_pieces
                     counts["documents"] += 1
-                    counts["text_tokens"] += n_text
-                    counts["tokens"] += len(doc)
+                    counts["text_tokens"] += len(doc)
+                    counts["tokens"] += n_tokens
                     counts[f"{split}_documents"] += 1
-                    counts[f"{split}_tokens"] += len(doc)
+                    counts[f"{split}_tokens"] += n_tokens
                     counts[f"{split}_bytes"] += n_bytes
-                    last[split] = (doc, n_bytes)
-                for split, docs in groups.items():
-                    n = sum(map(len, docs))
-                    out[split].write(np.fromiter(itertools.chain.from_iterable(docs), DTYPE, n).tobytes())
+                    last[split] = (doc_pieces, n_tokens, n_bytes)
+                for split in names:
+                    if pieces[split]:
+                        out[split].write(np.concatenate(pieces[split]).astype(DTYPE).tobytes())
                 if max_tokens is not None:
                     fraction = max(fraction or 0.0, counts["tokens"] / max_tokens)
                 progress.update(fraction or 0.0, counts["tokens"], counts["documents"])
-                if counts["truncated"] or counts["tokens"] == max_tokens:
+                if counts["tokens"] == max_tokens:
                     break
             # Tiny inputs: if the coin left a split empty, move the last document of the other.
             for empty, full in (("val", "train"), ("train", "val")):
-                if counts[f"{empty}_documents"] == 0 and counts[f"{full}_documents"] >= 2 and 0 < val_fraction:
-                    doc, n_bytes = last[full]
-                    out[full].truncate(out[full].tell() - 2 * len(doc))
+                if 0 < val_fraction and counts[f"{empty}_documents"] == 0 and counts[f"{full}_documents"] >= 2:
+                    doc_pieces, n_tokens, n_bytes = last[full]
+                    out[full].truncate(out[full].tell() - np.dtype(DTYPE).itemsize * n_tokens)
                     out[full].seek(0, os.SEEK_END)
-                    out[empty].write(np.array(doc, DTYPE).tobytes())
-                    for key, amount in (("documents", 1), ("tokens", len(doc)), ("bytes", n_bytes)):
+                    out[empty].write(np.concatenate(doc_pieces).astype(DTYPE).tobytes())
+                    for key, amount in (("documents", 1), ("tokens", n_tokens), ("bytes", n_bytes)):
                         counts[f"{full}_{key}"] -= amount
                         counts[f"{empty}_{key}"] += amount
         if counts["documents"] == 0:
@@ -661,9 +683,9 @@ def prepare(data=None, *, max_tokens=None, val_fraction=VAL_FRACTION, seed=0, ca
                           source="fineweb-edu", sources=sources, settings=settings, enc=enc,
                           num_threads=num_threads, verbose=verbose, label="fineweb-edu", stats=stats)
         except HubUnreachable as e:
-            corpus = python_docs_corpus(cache_dir, verbose)
             print(f"FineWeb-Edu cannot be reached ({e}); using Python's own documentation instead "
-                  f"({corpus}); pass --data to train on your own files", file=sys.stderr, flush=True)
+                  f"(pass --data to use your own files)", file=sys.stderr, flush=True)
+            corpus = python_docs_corpus(cache_dir, verbose)
             return _prepare_files([corpus], "python-docs", max_tokens, val_fraction, seed, tokens_dir,
                                   enc, num_threads, verbose)
     return _prepare_files(expand_paths(data), "files", max_tokens, val_fraction, seed, tokens_dir,
@@ -671,6 +693,7 @@ def prepare(data=None, *, max_tokens=None, val_fraction=VAL_FRACTION, seed=0, ca
 
 
 def _prepare_files(files, source, max_tokens, val_fraction, seed, tokens_dir, enc, num_threads, verbose):
+    files = [os.path.abspath(p) for p in files]
     for path in files:
         check_file(path)
     sources = [{"path": p, "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in files]
@@ -723,6 +746,42 @@ def val_windows(tokens, batch_size, seq_len, n_batches, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
+# Benchmark: is the pipeline as fast as tiktoken itself?
+
+def benchmark(data, num_threads=None, repeat=3):
+    """Tokens/s of the whole pipeline (files -> token files in a fresh temporary cache, as prepare
+    does it) against tiktoken alone on the same texts, already in memory: its encode_ordinary_batch
+    (lists of ints) and the encode_one arrays the pipeline uses, each in one call on all texts.
+    All count text tokens (separators excluded); best of `repeat` interleaved runs each, since
+    other processes on a small machine make single timings noisy."""
+    import tempfile
+
+    enc = get_encoding()
+    vocab_hash(enc)                         # one-off costs, outside the timings
+    num_threads = num_threads or os.cpu_count() or 1
+    texts = [t for chunk, _ in file_chunks(expand_paths(data)) for t in chunk if t]
+    seconds = {"pipeline": [], "tiktoken_lists": [], "tiktoken_arrays": []}
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            meta = prepare(data, cache_dir=tmp, verbose=False, num_threads=num_threads).meta
+            seconds["pipeline"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        n_lists = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=num_threads)))
+        seconds["tiktoken_lists"].append(time.perf_counter() - start)
+        with ThreadPoolExecutor(num_threads) as pool:
+            start = time.perf_counter()
+            n_arrays = sum(map(len, encode_batch(enc, texts, pool)))
+            seconds["tiktoken_arrays"].append(time.perf_counter() - start)
+    assert n_lists == n_arrays == meta["text_tokens"], (n_lists, n_arrays, meta["text_tokens"])
+    result = {"documents": meta["documents"], "text_tokens": n_lists, "threads": num_threads,
+              "cpus": os.cpu_count(), "repeat": repeat}
+    for name, times in seconds.items():
+        result[f"{name}_tokens_per_s"] = round(n_lists / min(times))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line.
 
 def summary(data):
@@ -756,8 +815,20 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--bench", action="store_true",
+                        help="time the pipeline against tiktoken alone on --data (nothing is cached)")
     args = parser.parse_args(argv)
     try:
+        if args.bench:
+            if not args.data:
+                parser.error("--bench needs --data")
+            result = benchmark(args.data, num_threads=args.threads)
+            print(json.dumps(result) if args.json else
+                  f"{result['text_tokens']:,} tokens, {result['threads']} threads, best of {result['repeat']}: "
+                  f"pipeline {result['pipeline_tokens_per_s'] / 1e6:.2f}M tokens/s; tiktoken alone "
+                  f"{result['tiktoken_lists_tokens_per_s'] / 1e6:.2f}M tokens/s (encode_ordinary_batch), "
+                  f"{result['tiktoken_arrays_tokens_per_s'] / 1e6:.2f}M tokens/s (encode_to_numpy)")
+            return 0
         data = prepare(args.data, max_tokens=args.max_tokens, val_fraction=args.val_fraction, seed=args.seed,
                        cache_dir=args.cache_dir, verbose=not args.quiet, num_threads=args.threads)
     except DataError as e:

@@ -66,9 +66,9 @@ def encode_calls(monkeypatch):
     calls = []
     real = D.encode_batch
 
-    def counting(enc, texts, num_threads):
+    def counting(enc, texts, pool):
         calls.append(len(texts))
-        return real(enc, texts, num_threads)
+        return real(enc, texts, pool)
     monkeypatch.setattr(D, "encode_batch", counting)
     return calls
 
@@ -120,6 +120,23 @@ def test_tiny_input_still_gets_a_validation_document(tmp_path, cache):
     assert (d.meta["train_documents"], d.meta["val_documents"]) == (2, 1)
     assert sorted(read_docs(d.train) + read_docs(d.val)) == sorted(make_docs(3))
     assert d.meta["val_bytes"] == len(read_docs(d.val)[0].encode())
+
+
+def test_encode_one_is_encode_ordinary():
+    enc = get_encoding()
+    texts = make_docs(20) + ["a <|endoftext|> b", "\n\n  \t", "lone surrogate \ud800 here", "x"]
+    for text in texts:
+        ids = D.encode_one(enc, text)
+        assert ids.dtype == np.uint32 and ids.tolist() == enc.encode_ordinary(text), text
+
+
+def test_lone_surrogate_in_jsonl(tmp_path, cache):
+    # JSON may escape a lone surrogate; tiktoken encodes it as U+FFFD (3 bytes)
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "bad \\ud800 char"}\n{"text": "fine"}\n')
+    d = prepare(str(path), cache_dir=cache, verbose=False, val_fraction=0.5)
+    assert sorted(read_docs(d.train) + read_docs(d.val)) == ["bad \ufffd char", "fine"]
+    assert d.meta["train_bytes"] + d.meta["val_bytes"] == len("bad \ufffd char".encode()) + 4
 
 
 def test_txt_and_jsonl_sources(tmp_path, cache):
@@ -186,11 +203,11 @@ def test_interrupted_write_leaves_nothing_trusted(tmp_path, cache, monkeypatch, 
     monkeypatch.setattr(D, "BATCH_CHARS", 1000)
     real, calls = D.encode_batch, []
 
-    def dies_on_third_batch(enc, texts, num_threads):
+    def dies_on_third_batch(enc, texts, pool):
         calls.append(1)
         if len(calls) == 3:
             raise error("interrupted")
-        return real(enc, texts, num_threads)
+        return real(enc, texts, pool)
     monkeypatch.setattr(D, "encode_batch", dies_on_third_batch)
     with pytest.raises(error):
         prepare(path, cache_dir=cache, verbose=False)
