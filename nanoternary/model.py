@@ -35,6 +35,7 @@ from .ops.head import log_softmax, softmax_ce_forward, softmax_ce_fused
 from .ops.norm import rmsnorm_backward, rmsnorm_forward
 from .ops.ternary import (ternary_linear_backward, ternary_linear_forward, ternary_quantize,
                           ternary_ste_backward)
+from .parallel import default_workers, run_shards
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Model:
         self.dtype = np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.params = init_params(self.cfg, self.rng, self.dtype)
+        self.workers = default_workers()     # batch shards run in parallel (parallel.py)
         self.hier = None
         if self.cfg.head == "hier":
             from .ops.hier_head import ClassMap
@@ -254,40 +256,66 @@ class Model:
         label_smoothing, z_loss, and loss_frac < 1 (a random fraction of positions, drawn from
         `rng`, default the model's own generator). train_embed=False skips the embedding's gradient
         (the frozen phase) and saves one of the head's three GEMMs; grads then has no "embed.w".
+
+        The batch is split into `self.workers` shards computed in parallel (parallel.py); each
+        shard's loss and gradients are already divided by the whole batch's count, so they add up.
         """
-        targets = np.asarray(targets)
-        h, cache = self.forward_hidden(idx)
-        N = h.shape[0]
+        idx, targets = np.asarray(idx), np.asarray(targets)
+        B, T = targets.shape
         rows = None
         if loss_frac < 1.0:
             rng = rng if rng is not None else self.rng
-            rows = np.sort(rng.choice(N, size=max(1, int(round(N * loss_frac))), replace=False))
+            rows = np.sort(rng.choice(B * T, size=max(1, int(round(B * T * loss_frac))), replace=False))
+        denom = B * T if rows is None else rows.size
+        opts = dict(label_smoothing=label_smoothing, z_loss=z_loss, train_embed=train_embed, denom=denom)
+
+        def shard(b0, b1):
+            r = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
+            return self._shard_loss_and_grads(idx[b0:b1], targets[b0:b1], r, **opts)
+
+        results = run_shards(shard, self._shards(B))
+        loss, grads = results[0]
+        for loss_s, grads_s in results[1:]:            # data parallel: sum the shards
+            loss += loss_s
+            for k in grads:
+                grads[k] += grads_s[k]
+        return loss, grads
+
+    def _shards(self, B):
+        bounds = np.linspace(0, B, min(self.workers, B) + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _shard_loss_and_grads(self, idx, targets, rows, *, label_smoothing, z_loss, train_embed, denom):
+        # idx, targets (b,T); rows: counted positions of this shard or None -> (loss share, grads)
+        h, cache = self.forward_hidden(idx)
         grads = {k: np.zeros_like(v) for k, v in self.params.items() if k != "embed.w"}
         E = self.params["embed.w"]
         if self.cfg.head == "full":
-            loss, dh, dE = softmax_ce_fused(h, E, targets.reshape(-1), rows, label_smoothing,
-                                            z_loss, self.cfg.head_chunk, need_dE=train_embed)
+            loss, dh, dE = softmax_ce_fused(h, E, targets.reshape(-1), rows, label_smoothing, z_loss,
+                                            self.cfg.head_chunk, need_dE=train_embed, denom=denom)
         else:
             from .ops.hier_head import hier_ce_fused
             loss, dh, dE, grads["head.class_w"] = hier_ce_fused(
                 h, E, self.params["head.class_w"], self.hier, targets.reshape(-1), rows,
-                label_smoothing, z_loss, need_dE=train_embed)
+                label_smoothing, z_loss, need_dE=train_embed, denom=denom)
         if train_embed:
             grads["embed.w"] = dE                    # tied: the head's gradient for E, ...
         self._backward_hidden(dh, cache, grads, embed_grad=train_embed)  # ... plus the lookup's
         return loss, grads
 
     def nll(self, idx, targets):
-        # -> (B,T) float64: -log p(target) at every position
+        # idx, targets (B,T) -> (B,T) float64: -log p(target) at every position
+        idx, targets = np.asarray(idx), np.asarray(targets)
+        parts = run_shards(lambda b0, b1: self._shard_nll(idx[b0:b1], targets[b0:b1]),
+                           self._shards(targets.shape[0]))
+        return np.concatenate(parts).reshape(targets.shape)
+
+    def _shard_nll(self, idx, targets):
         h, _ = self.forward_hidden(idx)
-        targets = np.asarray(targets)
         if self.cfg.head == "full":
-            nll = softmax_ce_forward(h, self.params["embed.w"], targets.reshape(-1), self.cfg.head_chunk)
-        else:
-            from .ops.hier_head import hier_nll
-            nll = hier_nll(h, self.params["embed.w"], self.params["head.class_w"], self.hier,
-                           targets.reshape(-1))
-        return nll.reshape(targets.shape)
+            return softmax_ce_forward(h, self.params["embed.w"], targets.reshape(-1), self.cfg.head_chunk)
+        from .ops.hier_head import hier_nll
+        return hier_nll(h, self.params["embed.w"], self.params["head.class_w"], self.hier, targets.reshape(-1))
 
     def loss(self, idx, targets):
         """Mean negative log-likelihood in nats per token: no smoothing, every position."""

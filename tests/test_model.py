@@ -147,3 +147,24 @@ def test_bad_input_is_rejected():
         m.loss(np.array([0, 1]), np.array([0, 1]))
     with pytest.raises(ValueError, match="head"):
         ModelConfig(head="softmax")
+
+
+@pytest.mark.parametrize("head", ["full", "hier"])
+def test_sharded_batch_equals_one_shard(head):
+    """Data parallelism over the batch (parallel.py) gives the same loss and gradients as one shard."""
+    cfg = ModelConfig(**{**TINY, "head": head, "ternary": True})
+    m = Model(cfg, seed=0, dtype=np.float64)
+    idx, tgt = _batch(8, B=5, T=9)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, loss_frac=0.3)
+    results = {}
+    for workers in (1, 2, 3):
+        m.workers = workers
+        loss, grads = m.loss_and_grads(idx, tgt, rng=np.random.default_rng(1), **kw)
+        results[workers] = (loss, grads, m.nll(idx, tgt))
+    loss1, grads1, nll1 = results[1]
+    for workers in (2, 3):
+        loss, grads, nll = results[workers]
+        assert abs(loss - loss1) < 1e-12
+        np.testing.assert_allclose(nll, nll1, rtol=1e-12)
+        for k in grads1:
+            np.testing.assert_allclose(grads[k], grads1[k], rtol=1e-10, atol=1e-13, err_msg=k)

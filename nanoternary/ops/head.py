@@ -48,21 +48,24 @@ def _exp_inplace(L):
 
 
 def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
-                     chunk=DEFAULT_CHUNK, need_dE=True):
+                     chunk=DEFAULT_CHUNK, need_dE=True, denom=None):
     # h (N,C), E (V,C), targets (N,) int, rows (n,) int or None -> loss, dh (N,C), dE (V,C) or None
-    """Loss (mean over the counted rows) and its gradients for h and for the tied E, in one pass."""
+    """Loss (mean over the counted rows) and its gradients for h and for the tied E, in one pass.
+
+    `denom` replaces the number of counted rows as the mean's denominator: a shard of a batch
+    passes the whole batch's count, so that the shards' losses and gradients simply add up."""
     N, C = h.shape
     V = E.shape[0]
     eps, z = float(label_smoothing), float(z_loss)
     hs, ys = (h, targets) if rows is None else (h[rows], targets[rows])
-    n_total = hs.shape[0]
+    n_total = denom if denom is not None else max(hs.shape[0], 1)
     dhs = np.empty_like(hs)
     dE = np.zeros_like(E) if need_dE else None
-    tmp = np.empty_like(E) if need_dE and n_total > chunk else None    # for dE += (more chunks)
-    buf = np.empty((min(chunk, n_total), V), dtype=h.dtype)
+    tmp = np.empty_like(E) if need_dE and hs.shape[0] > chunk else None   # for dE += (more chunks)
+    buf = np.empty((min(chunk, hs.shape[0]), V), dtype=h.dtype)
     Esum = E.sum(axis=0) if eps else None                              # sum_v E_v, for mean_v l_v
     loss_sum = 0.0
-    for i in range(0, n_total, chunk):
+    for i in range(0, hs.shape[0], chunk):
         hc, yc = hs[i:i + chunk], ys[i:i + chunk]
         n = hc.shape[0]
         ar = np.arange(n)

@@ -142,13 +142,14 @@ def _level_grad(L, lse, pick, eps, z, scale):
     return loss, p
 
 
-def hier_ce_fused(h, E, Wc, cmap, targets, rows=None, label_smoothing=0.0, z_loss=0.0, need_dE=True):
+def hier_ce_fused(h, E, Wc, cmap, targets, rows=None, label_smoothing=0.0, z_loss=0.0, need_dE=True,
+                  denom=None):
     # h (N,C), E (V,C), Wc (n_classes,C), targets (N,) -> loss, dh (N,C), dE (V,C) or None, dWc
-    """Mean loss over the counted rows and its gradients, in one pass (module docstring)."""
+    """Mean loss over the counted rows and its gradients, in one pass (module docstring).
+    `denom`: the mean's denominator, as in head.softmax_ce_fused."""
     eps, z = float(label_smoothing), float(z_loss)
     hs, ys = (h, targets) if rows is None else (h[rows], targets[rows])
-    n = hs.shape[0]
-    scale = 1.0 / n
+    scale = 1.0 / (denom if denom is not None else max(hs.shape[0], 1))
     cls = cmap.token_class[ys]
     # class level: one small softmax over n_classes for every row
     A = hs @ Wc.T

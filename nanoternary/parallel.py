@@ -1,0 +1,98 @@
+"""Data parallelism inside one process: split the batch across the CPU's cores.
+
+NumPy runs elementwise operations (the norms, gates, softmax exps of this model) on ONE core, and
+BLAS runs each matrix product on all of them. On a 2-core machine that leaves half the machine idle
+for much of a training step. Instead, `Model.loss_and_grads` cuts the batch in two shards and runs
+each shard's forward and backward in its own thread, with BLAS at one thread per call, exactly like
+data-parallel training across two devices: each worker computes gradients of its shard's share of
+the loss, and the two gradients are summed. NumPy releases Python's GIL inside its loops and BLAS
+calls, so the two threads really run at the same time.
+
+That needs control of the BLAS thread count, which NumPy does not expose. NumPy's wheels bundle
+OpenBLAS, whose `openblas_set_num_threads` we call through ctypes (the library is found among the
+process's loaded libraries in /proc/self/maps). Where that is not possible (another BLAS, another
+OS), `blas_control()` is None and the model runs unsharded: same results, one core for elementwise.
+"""
+import contextlib
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads64_", "openblas_set_num_threads")
+_GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+            "openblas_get_num_threads64_", "openblas_get_num_threads")
+_control = None
+_lock = threading.Lock()
+_pool = None
+
+
+def blas_control():
+    """(set_threads, get_threads) for NumPy's bundled OpenBLAS, or None when it cannot be found."""
+    global _control
+    if _control is None:
+        _control = False
+        import numpy  # noqa: F401  (loads the BLAS library)
+        try:
+            with open("/proc/self/maps") as f:
+                libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+        except OSError:
+            libs = []
+        for path in libs:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
+            getter = next((getattr(lib, g) for g in _GETTERS if hasattr(lib, g)), None)
+            if setter is not None and getter is not None:
+                setter.argtypes = [ctypes.c_int]
+                getter.restype = ctypes.c_int
+                _control = (setter, getter)
+                break
+    return _control or None
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_workers():
+    """Shards per batch: the cores we may use (NANOTERNARY_THREADS overrides), 1 without BLAS control."""
+    env = os.environ.get("NANOTERNARY_THREADS")
+    n = int(env) if env else available_cores()
+    return max(1, n) if blas_control() is not None else 1
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Run the block with BLAS limited to n threads per call (no-op without BLAS control)."""
+    ctl = blas_control()
+    if ctl is None:
+        yield
+        return
+    setter, getter = ctl
+    with _lock:
+        old = getter()
+        setter(n)
+    try:
+        yield
+    finally:
+        with _lock:
+            setter(old)
+
+
+def run_shards(fn, shards):
+    """[fn(*s) for s in shards], one thread per shard, each BLAS call single-threaded."""
+    global _pool
+    if len(shards) == 1:
+        return [fn(*shards[0])]
+    if _pool is None or _pool._max_workers < len(shards):
+        _pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="nanoternary-shard")
+    with blas_threads(1):
+        futures = [_pool.submit(fn, *s) for s in shards]
+        return [f.result() for f in futures]
