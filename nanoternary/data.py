@@ -63,7 +63,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -559,7 +559,7 @@ class TokenData:
     val: np.ndarray
     meta: dict
     path: str
-    cached: bool = field(default=False)   # True when loaded from an existing cache
+    cached: bool = False                  # True when loaded from an existing cache
 
     def __repr__(self):
         return (f"TokenData({self.path!r}, train={len(self.train):,} tokens, "
@@ -578,9 +578,11 @@ def _open_tokens(path, n):
     return np.memmap(path, dtype=DTYPE, mode="r", shape=(n,))
 
 
-def load_cache(folder, key=None, verbose=True):
-    """The TokenData in folder if complete and consistent, else None (with a message if a broken
-    cache was found there). key, when given, must match the one meta.json was written for."""
+def load_cache(folder, key=None):
+    """The TokenData in folder if complete and consistent, else None (with a message on stderr if
+    a broken cache was found there). key, when given, must match the one meta.json was written for.
+    Checks: meta.json parses, has our format version and key, and each .bin holds exactly the
+    number of tokens meta.json says (a truncated or overwritten file fails this)."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         if os.path.isdir(folder) and os.listdir(folder):
@@ -671,7 +673,7 @@ def prepare(data=None, *, max_tokens=None, val_fraction=VAL_FRACTION, seed=0, ca
         sources = [{"path": f"hf://{HUB_DATASET}/{HUB_SHARD.format(0).replace('000', '*')}"}]
         key = _cache_key(sources, settings, enc)
         folder = os.path.join(tokens_dir, f"fineweb-edu-{key}")
-        cached = load_cache(folder, key, verbose)
+        cached = load_cache(folder, key)
         if cached is not None:
             return cached
         if hub_fs is None and not hub_offline_reason():
@@ -702,7 +704,7 @@ def _prepare_files(files, source, max_tokens, val_fraction, seed, tokens_dir, en
     name = source if source != "files" else "".join(
         c if c.isalnum() or c in "-_." else "_" for c in os.path.splitext(os.path.basename(files[0]))[0])
     folder = os.path.join(tokens_dir, f"{name}-{key}")
-    cached = load_cache(folder, key, verbose)
+    cached = load_cache(folder, key)
     if cached is not None:
         return cached
     return _build(folder, key, file_chunks(files), source=source, sources=sources, settings=settings,

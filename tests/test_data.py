@@ -233,6 +233,16 @@ def test_truncated_or_corrupt_cache_is_detected_and_rebuilt(tmp_path, cache, cap
     d = prepare(path, cache_dir=cache, verbose=False)
     assert not d.cached and np.array_equal(d.train, train)
     assert "meta.json is unreadable" in capsys.readouterr().err
+    with open(meta_json) as f:
+        meta = json.load(f)
+    for edit, message in (({"train_tokens": meta["train_tokens"] + 1}, "train.bin has"),
+                          ({"format": 0}, "format 0, expected"),
+                          ({"key": "0123456789abcdef"}, "meta.json is for key 0123456789abcdef")):
+        with open(meta_json, "w") as f:
+            json.dump({**meta, **edit}, f)                   # a meta.json that does not match
+        d = prepare(path, cache_dir=cache, verbose=False)
+        assert not d.cached and np.array_equal(d.train, train)
+        assert message in capsys.readouterr().err
     os.remove(meta_json)                                     # .bin files without meta.json
     d = prepare(path, cache_dir=cache, verbose=False)
     assert not d.cached and "incomplete (no meta.json" in capsys.readouterr().err
