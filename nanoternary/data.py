@@ -14,8 +14,9 @@ Where the text comes from (`prepare(data=...)`, `--data`):
       .parquet  documents in a string column named `text` (FineWeb-Edu's layout; other columns are
                 ignored), read one row group at a time so memory stays bounded;
       .jsonl    one JSON object per line, the document in its `text` field;
-      .txt      the whole file is one document, unless it contains `<|endoftext|>`, in which case
-                it is split there (and each piece stripped of surrounding whitespace);
+      .txt      (also .md, .rst) the whole file is one document, unless it contains
+                `<|endoftext|>`, in which case it is split there (each piece stripped of
+                surrounding whitespace);
   - nothing (the default): FineWeb-Edu `sample-10BT` on the Hugging Face hub, the reference's data.
     Only the parquet row groups needed for `max_tokens` (default 32M, the reference's amount) are
     read, each saved under data/fineweb-edu/ and reused by later runs. When the hub cannot be
@@ -640,7 +641,7 @@ def _build(folder, key, chunks, *, source, sources, settings, enc, num_threads, 
     if data is None:
         raise RuntimeError(f"{folder}: the cache just written does not check out")
     data.cached = False
-    if verbose and data.meta["val_documents"] == 0 and settings["val_fraction"] > 0:
+    if data.meta["val_documents"] == 0 and settings["val_fraction"] > 0:
         print(f"note: only {data.meta['documents']} document(s), so the validation split is empty",
               file=sys.stderr)
     return data
@@ -660,8 +661,11 @@ def prepare(data=None, *, max_tokens=None, val_fraction=VAL_FRACTION, seed=0, ca
     data: None for FineWeb-Edu (falling back to Python's documentation when offline), or a path
     or glob, or a list of them (.parquet with a `text` column, .jsonl, .txt).
     max_tokens: cap on the total tokens, separators included (None: all of the files; for
-    FineWeb-Edu, HUB_MAX_TOKENS). num_threads: for tiktoken (default: all cores). hub_fs: the
-    fsspec filesystem standing in for the hub (default: huggingface_hub.HfFileSystem()).
+    FineWeb-Edu, HUB_MAX_TOKENS). val_fraction, seed: the split (see the top of this file).
+    cache_dir: where data/ is. verbose: show the progress bar (notices such as the offline one and
+    a rebuilt cache are printed regardless, on stderr). num_threads: for tiktoken (default: all
+    cores). hub_fs: the fsspec filesystem holding FineWeb-Edu (default: HfFileSystem(); the tests
+    pass a local one). Raises DataError on bad input.
     """
     _check_settings(val_fraction, max_tokens)
     enc = get_encoding()
@@ -808,13 +812,13 @@ def main(argv=None):
     parser.add_argument("--data", action="append", metavar="GLOB",
                         help="a path or glob of .parquet (column 'text'), .jsonl or .txt files; repeat for more "
                              "(default: FineWeb-Edu sample-10BT, or Python's documentation when offline)")
-    parser.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--max-tokens", type=int, metavar="N", default=None,
                         help=f"cap on tokens, separators included (default: all; FineWeb-Edu: {HUB_MAX_TOKENS:,})")
-    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+    parser.add_argument("--val-fraction", type=float, metavar="F", default=VAL_FRACTION,
                         help=f"share of documents held out for validation (default: {VAL_FRACTION})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
-    parser.add_argument("--cache-dir", default="data", help="where caches go (default: data)")
-    parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    parser.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the train/validation split (default: 0)")
+    parser.add_argument("--cache-dir", metavar="DIR", default="data", help="where caches go (default: data)")
+    parser.add_argument("--threads", type=int, metavar="N", default=None, help="tokenizer threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--bench", action="store_true",
