@@ -36,6 +36,7 @@ from .ops.norm import rmsnorm_backward, rmsnorm_forward
 from .ops.ternary import (ternary_linear_backward, ternary_linear_forward, ternary_quantize,
                           ternary_ste_backward)
 from .parallel import default_workers, run_shards
+from .profile import section
 
 
 @dataclass
@@ -158,24 +159,24 @@ class Model:
         B, T, C = x.shape
         G = cfg.conv_groups
         cache = {}
-        # ConvMixer
-        h, cache["norm_mix"] = rmsnorm_forward(x, p["block.norm_mix.g"])
-        for i, D in enumerate(cfg.dilations):
-            u, cache[f"norm{i}"] = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
-            a, cache[f"conv{i}.gate"] = conv1d_forward(u, p[f"block.mix.conv{i}.gate.w"], D, G)
-            v, cache[f"conv{i}.value"] = conv1d_forward(u, p[f"block.mix.conv{i}.value.w"], D, G)
-            z, cache[f"gate{i}"] = sigmoid_gate_forward(a, v)
-            h = h + z                                                           # residual
-        m, cache["out"] = ternary_linear_forward(h.reshape(B * T, C), *q["block.mix.out.w"])
-        x = x + m.reshape(B, T, C)                                              # residual
-        # TernaryGLU
-        u, cache["norm_glu"] = rmsnorm_forward(x, p["block.norm_glu.g"])
-        u = u.reshape(B * T, C)
-        a, cache["glu.gate"] = ternary_linear_forward(u, *q["block.glu.gate.w"])
-        b, cache["glu.up"] = ternary_linear_forward(u, *q["block.glu.up.w"])
-        z, cache["glu"] = relu2_glu_forward(a, b)
-        d, cache["glu.down"] = ternary_linear_forward(z, *q["block.glu.down.w"])
-        x = x + d.reshape(B, T, C)                                              # residual
+        with section("convmixer"):
+            h, cache["norm_mix"] = rmsnorm_forward(x, p["block.norm_mix.g"])
+            for i, D in enumerate(cfg.dilations):
+                u, cache[f"norm{i}"] = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
+                a, cache[f"conv{i}.gate"] = conv1d_forward(u, p[f"block.mix.conv{i}.gate.w"], D, G)
+                v, cache[f"conv{i}.value"] = conv1d_forward(u, p[f"block.mix.conv{i}.value.w"], D, G)
+                z, cache[f"gate{i}"] = sigmoid_gate_forward(a, v)
+                h = h + z                                                       # residual
+            m, cache["out"] = ternary_linear_forward(h.reshape(B * T, C), *q["block.mix.out.w"])
+            x = x + m.reshape(B, T, C)                                          # residual
+        with section("glu"):
+            u, cache["norm_glu"] = rmsnorm_forward(x, p["block.norm_glu.g"])
+            u = u.reshape(B * T, C)
+            a, cache["glu.gate"] = ternary_linear_forward(u, *q["block.glu.gate.w"])
+            b, cache["glu.up"] = ternary_linear_forward(u, *q["block.glu.up.w"])
+            z, cache["glu"] = relu2_glu_forward(a, b)
+            d, cache["glu.down"] = ternary_linear_forward(z, *q["block.glu.down.w"])
+            x = x + d.reshape(B, T, C)                                          # residual
         return x, cache
 
     def forward_hidden(self, idx):
@@ -186,8 +187,10 @@ class Model:
         if idx.size and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
                              f"[{idx.min()}, {idx.max()}]")
-        q = self._quantized()
-        x, c_embed = embedding_forward(idx, self.params["embed.w"])
+        with section("ternary quantize"):
+            q = self._quantized()
+        with section("embedding"):
+            x, c_embed = embedding_forward(idx, self.params["embed.w"])
         block_caches = []
         for _ in range(self.cfg.n_recursions):
             x, c = self._block_forward(x, q)
@@ -203,32 +206,32 @@ class Model:
         cfg = self.cfg
         B, T, C = dx.shape
         dtern = {}
-        # TernaryGLU, reversed:  x = x + d
-        dd = dx.reshape(B * T, C)
-        dz, dtern["block.glu.down.w"] = ternary_linear_backward(dd, cache["glu.down"])
-        da, db = relu2_glu_backward(dz, cache["glu"])
-        du, dtern["block.glu.up.w"] = ternary_linear_backward(db, cache["glu.up"])
-        du2, dtern["block.glu.gate.w"] = ternary_linear_backward(da, cache["glu.gate"])
-        du = (du + du2).reshape(B, T, C)             # u fed both gate and up
-        dxn, dg = rmsnorm_backward(du, cache["norm_glu"])
-        grads["block.norm_glu.g"] += dg
-        dx = dx + dxn                                 # residual: x reaches the output twice
-        # ConvMixer, reversed:  x = x + out(h)
-        dh, dtern["block.mix.out.w"] = ternary_linear_backward(dx.reshape(B * T, C), cache["out"])
-        dh = dh.reshape(B, T, C)
-        for i in reversed(range(len(cfg.dilations))):
-            dz = dh                                   # h = h + z: dz = dh, and dh flows on
-            da, dv = sigmoid_gate_backward(dz, cache[f"gate{i}"])
-            du, dw = conv1d_backward(dv, cache[f"conv{i}.value"])
-            grads[f"block.mix.conv{i}.value.w"] += dw
-            du2, dw = conv1d_backward(da, cache[f"conv{i}.gate"])
-            grads[f"block.mix.conv{i}.gate.w"] += dw
-            dhn, dg = rmsnorm_backward(du + du2, cache[f"norm{i}"])
-            grads[f"block.mix.norm{i}.g"] += dg
-            dh = dh + dhn
-        dxn, dg = rmsnorm_backward(dh, cache["norm_mix"])
-        grads["block.norm_mix.g"] += dg
-        dx = dx + dxn
+        with section("glu"):                          # TernaryGLU, reversed:  x = x + d
+            dd = dx.reshape(B * T, C)
+            dz, dtern["block.glu.down.w"] = ternary_linear_backward(dd, cache["glu.down"])
+            da, db = relu2_glu_backward(dz, cache["glu"])
+            du, dtern["block.glu.up.w"] = ternary_linear_backward(db, cache["glu.up"])
+            du2, dtern["block.glu.gate.w"] = ternary_linear_backward(da, cache["glu.gate"])
+            du = (du + du2).reshape(B, T, C)          # u fed both gate and up
+            dxn, dg = rmsnorm_backward(du, cache["norm_glu"])
+            grads["block.norm_glu.g"] += dg
+            dx = dx + dxn                             # residual: x reaches the output twice
+        with section("convmixer"):                    # ConvMixer, reversed:  x = x + out(h)
+            dh, dtern["block.mix.out.w"] = ternary_linear_backward(dx.reshape(B * T, C), cache["out"])
+            dh = dh.reshape(B, T, C)
+            for i in reversed(range(len(cfg.dilations))):
+                dz = dh                               # h = h + z: dz = dh, and dh flows on
+                da, dv = sigmoid_gate_backward(dz, cache[f"gate{i}"])
+                du, dw = conv1d_backward(dv, cache[f"conv{i}.value"])
+                grads[f"block.mix.conv{i}.value.w"] += dw
+                du2, dw = conv1d_backward(da, cache[f"conv{i}.gate"])
+                grads[f"block.mix.conv{i}.gate.w"] += dw
+                dhn, dg = rmsnorm_backward(du + du2, cache[f"norm{i}"])
+                grads[f"block.mix.norm{i}.g"] += dg
+                dh = dh + dhn
+            dxn, dg = rmsnorm_backward(dh, cache["norm_mix"])
+            grads["block.norm_mix.g"] += dg
+            dx = dx + dxn
         for name, dwt in dtern.items():
             grads[name] += ternary_ste_backward(dwt)  # STE: the latent weight gets dW_t
         return dx
@@ -243,7 +246,8 @@ class Model:
             dx = self._block_backward(dx, c, q, grads)
             dxs.insert(0, dx)
         if embed_grad:                               # tied: head's dE already in grads["embed.w"]
-            embedding_backward(dx, c_embed, dE=grads["embed.w"])
+            with section("embedding"):
+                embedding_backward(dx, c_embed, dE=grads["embed.w"])
         return dxs
 
     # ------------------------------------------------------------------ the interface
@@ -275,10 +279,11 @@ class Model:
 
         results = run_shards(shard, self._shards(B))
         loss, grads = results[0]
-        for loss_s, grads_s in results[1:]:            # data parallel: sum the shards
-            loss += loss_s
-            for k in grads:
-                grads[k] += grads_s[k]
+        with section("shard sum"):
+            for loss_s, grads_s in results[1:]:        # data parallel: sum the shards
+                loss += loss_s
+                for k in grads:
+                    grads[k] += grads_s[k]
         return loss, grads
 
     def _shards(self, B):

@@ -396,6 +396,13 @@ def cosine(step, total_steps, warmup, min_ratio=0.1):
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+def cosine_frac(progress, step, warmup, min_ratio=0.1):
+    """The cosine schedule on the fraction of the run done (steps, tokens or wall clock), with a
+    step-counted warmup: (step+1)/warmup capped at 1, times min_ratio + (1-min_ratio)(1+cos(pi p))/2."""
+    p = min(1.0, max(0.0, progress))
+    return _warmup(step, warmup) * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients: clipping and accumulation
 

@@ -28,6 +28,8 @@ of one pass over the rows.
 """
 import numpy as np
 
+from ..profile import section
+
 DEFAULT_CHUNK = 1024
 
 
@@ -60,7 +62,9 @@ def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
     hs, ys = (h, targets) if rows is None else (h[rows], targets[rows])
     n_total = denom if denom is not None else max(hs.shape[0], 1)
     dhs = np.empty_like(hs)
-    dE = np.zeros_like(E) if need_dE else None
+    dE = None
+    if need_dE:                                    # written by the first chunk's GEMM (zeros if none)
+        dE = np.empty_like(E) if hs.shape[0] else np.zeros_like(E)
     tmp = np.empty_like(E) if need_dE and hs.shape[0] > chunk else None   # for dE += (more chunks)
     buf = np.empty((min(chunk, hs.shape[0]), V), dtype=h.dtype)
     Esum = E.sum(axis=0) if eps else None                              # sum_v E_v, for mean_v l_v
@@ -69,27 +73,29 @@ def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
         hc, yc = hs[i:i + chunk], ys[i:i + chunk]
         n = hc.shape[0]
         ar = np.arange(n)
-        L = _chunk_logits(hc, E, buf)
-        ly = L[ar, yc].astype(np.float64)                              # target logits, before exp
-        m, s = _exp_inplace(L)                                         # L = exp(l - m)
-        lse = m.astype(np.float64) + np.log(s.astype(np.float64))
-        row_loss = (1.0 - eps) * (lse - ly) + z * lse * lse
-        if eps:
-            mean_l = (hc @ Esum).astype(np.float64) / V                # mean_v l_v = h . sum_v E_v / V
-            row_loss += eps * (lse - mean_l)
-        loss_sum += row_loss.sum()
-        # dl = p * (1 + 2 z lse) - (1-eps) onehot(y) - eps/V, all / n_total (the mean).
-        # p = L / s, so one in-place scale turns the buffer into the first term.
-        L *= ((1.0 + 2.0 * z * lse) / (s * n_total)).astype(L.dtype)[:, None]
-        L[ar, yc] -= (1.0 - eps) / n_total
-        # the uniform -eps/V term is added below as a rank-1 correction, without a pass over L
-        np.matmul(L, E, out=dhs[i:i + n])                              # dh = dl @ E
-        if need_dE:                                                    # dE += dl^T @ h
-            if i == 0:
-                np.matmul(L.T, hc, out=dE)
-            else:
-                np.matmul(L.T, hc, out=tmp)
-                dE += tmp
+        with section("head forward"):
+            L = _chunk_logits(hc, E, buf)
+            ly = L[ar, yc].astype(np.float64)                          # target logits, before exp
+            m, s = _exp_inplace(L)                                     # L = exp(l - m)
+            lse = m.astype(np.float64) + np.log(s.astype(np.float64))
+            row_loss = (1.0 - eps) * (lse - ly) + z * lse * lse
+            if eps:
+                mean_l = (hc @ Esum).astype(np.float64) / V            # mean_v l_v = h . sum_v E_v / V
+                row_loss += eps * (lse - mean_l)
+            loss_sum += row_loss.sum()
+        with section("head backward"):
+            # dl = p * (1 + 2 z lse) - (1-eps) onehot(y) - eps/V, all / n_total (the mean).
+            # p = L / s, so one in-place scale turns the buffer into the first term.
+            L *= ((1.0 + 2.0 * z * lse) / (s * n_total)).astype(L.dtype)[:, None]
+            L[ar, yc] -= (1.0 - eps) / n_total
+            # the uniform -eps/V term is added below as a rank-1 correction, without a pass over L
+            np.matmul(L, E, out=dhs[i:i + n])                          # dh = dl @ E
+            if need_dE:                                                # dE += dl^T @ h
+                if i == 0:
+                    np.matmul(L.T, hc, out=dE)
+                else:
+                    np.matmul(L.T, hc, out=tmp)
+                    dE += tmp
     if eps:
         c = eps / (V * n_total)
         dhs -= (c * Esum).astype(h.dtype)                              # (-eps/V) 1^T @ E per row

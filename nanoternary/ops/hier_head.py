@@ -27,6 +27,8 @@ target with that level's uniform distribution, and the z-loss adds z * lse^2 for
 """
 import numpy as np
 
+from ..profile import section
+
 
 class ClassMap:
     """Which class each token is in, and the tokens of each class as a contiguous run of `order`.
@@ -127,7 +129,7 @@ def _softmax_rows(L):
     return L, m.astype(np.float64) + np.log(s.astype(np.float64))
 
 
-def _level_grad(L, lse, pick, eps, z, scale):
+def _level_grad(L, pick, eps, z, scale):
     # L (n,m) logits -> loss per row, and L overwritten with dloss/dlogits * scale
     n, m = L.shape
     ar = np.arange(n)
@@ -152,11 +154,13 @@ def hier_ce_fused(h, E, Wc, cmap, targets, rows=None, label_smoothing=0.0, z_los
     scale = 1.0 / (denom if denom is not None else max(hs.shape[0], 1))
     cls = cmap.token_class[ys]
     # class level: one small softmax over n_classes for every row
-    A = hs @ Wc.T
-    loss_a, dA = _level_grad(A, None, cls, eps, z, scale)
-    dhs = dA @ Wc
-    dWc = dA.T @ hs
-    dE = np.zeros_like(E) if need_dE else None
+    with section("head forward"):
+        A = hs @ Wc.T
+        loss_a, dA = _level_grad(A, cls, eps, z, scale)
+    with section("head backward"):
+        dhs = dA @ Wc
+        dWc = dA.T @ hs
+        dE = np.zeros_like(E) if need_dE else None
     loss_sum = loss_a.sum()
     # token level: rows grouped by the class of their target; one GEMM per class present
     by_class = np.argsort(cls, kind="stable")
@@ -164,14 +168,16 @@ def hier_ce_fused(h, E, Wc, cmap, targets, rows=None, label_smoothing=0.0, z_los
     for c, s0, k in zip(present, starts, counts):
         r = by_class[s0:s0 + k]                       # rows whose target is in class c
         toks = cmap.members(c)                        # S_c
-        Ec = E[toks]                                  # (|S_c|, C)
-        hb = hs[r]
-        Bl = hb @ Ec.T                                # (k, |S_c|) token logits within the class
-        loss_b, dB = _level_grad(Bl, None, cmap.position[ys[r]], eps, z, scale)
-        loss_sum += loss_b.sum()
-        dhs[r] += dB @ Ec
-        if need_dE:
-            dE[toks] += dB.T @ hb                     # toks are distinct: plain += is exact here
+        with section("head forward"):
+            Ec = E[toks]                              # (|S_c|, C)
+            hb = hs[r]
+            Bl = hb @ Ec.T                            # (k, |S_c|) token logits within the class
+            loss_b, dB = _level_grad(Bl, cmap.position[ys[r]], eps, z, scale)
+            loss_sum += loss_b.sum()
+        with section("head backward"):
+            dhs[r] += dB @ Ec
+            if need_dE:
+                dE[toks] += dB.T @ hb                 # toks are distinct: plain += is exact here
     if rows is None:
         dh = dhs
     else:

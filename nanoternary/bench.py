@@ -1,0 +1,221 @@
+"""Training-step benchmark: tokens/s, where the time goes, and the bounds to compare with.
+
+    python -m nanoternary.bench                               # every configuration, as a table
+    python -m nanoternary.bench --head full --json            # one configuration, one JSON object
+    python -m nanoternary.bench --peer /tmp/torchenv/bin/python   # and the PyTorch peer, same sitting
+
+One step = forward, backward and an AdamW update of every parameter, embedding included, as the
+PyTorch peer (../shared/peers/torch_flashlm_v3.py) measures it; batch 8 x 256 by default, random
+token ids drawn from a Zipf law (so the hierarchical head sees realistic class sizes). Configurations:
+
+    full        the full 50,257-way head on every position (the reference's step)
+    full-25%    the full head on a random 25% of positions (the reference's trick)
+    hier        the hierarchical two-level head on every position
+    core        the ternary core alone: embedding frozen, loss on 0.4% of positions (the peer's
+                `--frac 0.004 --freeze-emb`)
+
+and two bounds measured in the same run: `gemm bound`, the three plain matrix products of the full
+head's shapes ((N,C)@(C,V), (N,V)@(V,C), (V,N)@(N,C)) with all BLAS threads, and the fused head
+alone (head_s), whose ratio to the bound is the head's efficiency. Each configuration runs in its
+own process so its peak memory (peak_rss_mb) is its own.
+
+These machines are shared and noisy: compare figures measured side by side, as ratios.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import profile
+from .model import Model, ModelConfig
+from .optim import AdamW
+
+CONFIGS = {
+    "full": dict(head="full", loss_frac=1.0, train_embed=True),
+    "full-25%": dict(head="full", loss_frac=0.25, train_embed=True),
+    "hier": dict(head="hier", loss_frac=1.0, train_embed=True),
+    "core": dict(head="full", loss_frac=0.004, train_embed=False),
+}
+
+
+def zipf_tokens(rng, shape, V=50257):
+    """Token ids with P(id) ~ 1/(id + 10): GPT-2 ids roughly follow frequency."""
+    p = 1.0 / (np.arange(V) + 10.0)
+    return rng.choice(V, size=shape, p=p / p.sum())
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_len=256, steps=5,
+               warmup=2, seed=0, threads=None):
+    """Time training steps of the reference model: one JSON-able dict."""
+    model = Model(ModelConfig(head=head), seed=seed)
+    if threads:
+        model.workers = threads
+    rng = np.random.default_rng(seed)
+    idx = zipf_tokens(rng, (batch_size, seq_len))
+    tgt = zipf_tokens(rng, (batch_size, seq_len))
+    opt = AdamW(model.params, lr=1e-3)
+
+    def step():
+        loss, grads = model.loss_and_grads(idx, tgt, loss_frac=loss_frac, rng=rng, train_embed=train_embed)
+        with profile.section("optimizer"):
+            opt.step(model.params, grads)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    profile.enable(True)                      # shares from separate, profiled steps
+    profile.reset()
+    for _ in range(2):
+        step()
+    profile.enable(False)
+    dt = float(np.median(times))
+    return {
+        "head": head, "loss_frac": loss_frac, "train_embed": train_embed,
+        "batch_size": batch_size, "seq_len": seq_len, "workers": model.workers,
+        "step_s": round(dt, 4), "step_s_min": round(min(times), 4),
+        "tokens_per_s": round(batch_size * seq_len / dt, 1),
+        "shares": {k: round(v, 4) for k, v in profile.shares().items()},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def bench_head(batch_size=8, seq_len=256, repeat=3, seed=0):
+    """The full head alone (fused, sharded as in training) against its three GEMMs."""
+    from .ops.head import softmax_ce_fused
+    from .parallel import run_shards
+    model = Model(ModelConfig(), seed=seed)
+    rng = np.random.default_rng(seed)
+    N, C = batch_size * seq_len, model.cfg.d_model
+    E = model.params["embed.w"]
+    h = rng.standard_normal((N, C)).astype(np.float32)
+    y = zipf_tokens(rng, N)
+    shards = [(a, b) for a, b in model._shards(N)]
+
+    def head():
+        run_shards(lambda a, b: softmax_ce_fused(h[a:b], E, y[a:b], denom=N), shards)
+
+    L = np.empty((N, E.shape[0]), dtype=np.float32)
+    dh, dE = np.empty_like(h), np.empty_like(E)
+
+    def gemms():                               # the same three products, nothing else
+        np.matmul(h, E.T, out=L)
+        np.matmul(L, E, out=dh)
+        np.matmul(L.T, h, out=dE)
+
+    def best(f):
+        f()
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    g, hd = best(gemms), best(head)
+    return {"gemm_bound_s": round(g, 4), "head_s": round(hd, 4), "head_efficiency": round(g / hd, 3),
+            "gemm_gflops": round(3 * 2 * N * C * E.shape[0] / g / 1e9, 1)}
+
+
+def run_peer(python, script, batch_size, seq_len):
+    """tokens/s of the PyTorch peer, full head and core only, parsed from its output."""
+    out = {}
+    for name, extra in (("full", []), ("core", ["--frac", "0.004", "--freeze-emb"])):
+        cmd = [python, script, "--B", str(batch_size), "--T", str(seq_len)] + extra
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"peer failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
+        out[name] = float(res.stdout.strip().split()[-1])
+    return out
+
+
+def _subprocess_json(args):
+    res = subprocess.run([sys.executable, "-m", "nanoternary.bench", "--json"] + args,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"bench {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head", choices=["full", "hier"], help="one configuration only (default: all)")
+    ap.add_argument("--loss-frac", type=float, default=1.0, help="fraction of positions in the loss (default 1.0)")
+    ap.add_argument("--freeze-embed", action="store_true", help="no embedding gradient (default: trained)")
+    ap.add_argument("--batch-size", type=int, default=8, help="default 8")
+    ap.add_argument("--seq-len", type=int, default=256, help="default 256")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (default 5)")
+    ap.add_argument("--threads", type=int, default=None, help="batch shards (default: one per core)")
+    ap.add_argument("--gemm-bound", action="store_true", help="only the full head against its 3 GEMMs")
+    ap.add_argument("--peer", metavar="PYTHON", help="also run the PyTorch peer with this python")
+    ap.add_argument("--peer-script", default=os.path.join("..", "shared", "peers", "torch_flashlm_v3.py"),
+                    help="the peer's benchmark script (default ../shared/peers/torch_flashlm_v3.py)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args(argv)
+    shape = dict(batch_size=a.batch_size, seq_len=a.seq_len)
+
+    if a.gemm_bound:
+        print(json.dumps(bench_head(**shape)))
+        return
+    if a.head:
+        r = bench_step(a.head, a.loss_frac, not a.freeze_embed, steps=a.steps, threads=a.threads, **shape)
+        print(json.dumps(r) if a.json else _table([(a.head, r)]))
+        return
+
+    common = ["--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--steps", str(a.steps)]
+    if a.threads:
+        common += ["--threads", str(a.threads)]
+    runs = []
+    for name, c in CONFIGS.items():
+        args = ["--head", c["head"], "--loss-frac", str(c["loss_frac"])] + common
+        if not c["train_embed"]:
+            args.append("--freeze-embed")
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        runs.append((name, _subprocess_json(args)))
+    print("bench: full head vs its GEMMs ...", file=sys.stderr, flush=True)
+    bound = _subprocess_json(["--gemm-bound", "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)])
+    peer = None
+    if a.peer:
+        print("bench: PyTorch peer ...", file=sys.stderr, flush=True)
+        peer = run_peer(a.peer, a.peer_script, a.batch_size, a.seq_len)
+    if a.json:
+        print(json.dumps({"runs": dict(runs), "head_vs_gemms": bound, "peer_tokens_per_s": peer}))
+    else:
+        print(_table(runs, bound, peer))
+
+
+def _table(runs, bound=None, peer=None):
+    names = ["embedding", "convmixer", "glu", "norms", "head forward", "head backward", "optimizer"]
+    lines = [f"{'config':<10} {'tok/s':>8} {'step s':>7} {'mem MB':>7}  " + "  ".join(f"{n:>8.8}" for n in names) + "  other"]
+    for name, r in runs:
+        sh = r["shares"]
+        other = 1.0 - sum(sh.get(n, 0.0) for n in names)
+        lines.append(f"{name:<10} {r['tokens_per_s']:>8,.0f} {r['step_s']:>7.3f} {r['peak_rss_mb']:>7.0f}  "
+                     + "  ".join(f"{100 * sh.get(n, 0.0):>7.1f}%" for n in names) + f"  {100 * other:.1f}%")
+    if bound:
+        lines.append(f"full head alone {bound['head_s']:.3f} s vs its 3 GEMMs {bound['gemm_bound_s']:.3f} s "
+                     f"({bound['gemm_gflops']:.0f} GFLOP/s): {100 * bound['head_efficiency']:.0f}% of the bound")
+    if peer:
+        ours = dict(runs)
+        lines.append(f"PyTorch peer: full {peer['full']:,.0f} tok/s, core {peer['core']:,.0f} tok/s; "
+                     f"ours/peer: full {ours['full']['tokens_per_s'] / peer['full']:.2f}x, "
+                     f"core {ours['core']['tokens_per_s'] / peer['core']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""train.py end to end on a tiny model and a corpus the test writes: learning, resume, Ctrl-C, NaN."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from nanoternary.checkpoint import load_checkpoint  # noqa: E402
+from nanoternary.model import Model  # noqa: E402
+
+TINY = ["--d-model", "16", "--glu-hidden", "24", "--dilations", "1,2", "--kernel-size", "2",
+        "--conv-groups", "4", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "256",
+        "--log-interval", "1", "--embed-init", "random", "--threads", "2"]
+
+
+def write_corpus(folder, n_docs=240, seed=0):
+    """Sentences from a tiny grammar: easy to learn, so the loss must fall."""
+    r = np.random.default_rng(seed)
+    subj = ["the cat", "a dog", "my sister", "the old farmer", "our teacher"]
+    verb = ["sat on", "looked at", "walked to", "painted", "found"]
+    obj = ["the mat", "a red door", "the river", "an apple", "the garden"]
+    docs = [" ".join(f"{r.choice(subj)} {r.choice(verb)} {r.choice(obj)}." for _ in range(r.integers(5, 15)))
+            for _ in range(n_docs)]
+    path = os.path.join(folder, "corpus.parquet")
+    pq.write_table(pa.table({"text": docs, "id": [str(i) for i in range(n_docs)]}), path)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)            # data/ caches land in the test's folder
+    return write_corpus(str(tmp_path))
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_tiny_model_learns(corpus, capsys):
+    assert train.main(["--data", corpus, "--out", "run", "--max-steps", "40", "--eval-interval", "20",
+                       "--lr-adam", "3e-3", "--warmup", "5"] + TINY) == 0
+    out = capsys.readouterr().out
+    assert "step    40" in out and "val loss" in out
+    log = read_log("run")
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(vals) == 2 and vals[-1] < vals[0] - 0.5 and vals[0] < 10.9, vals
+    assert log[0]["train_loss"] > log[-1]["train_loss"] + 1.0
+    assert [r["step"] for r in log] == list(range(1, 41))
+    for r in log:
+        assert {"step", "tokens", "train_loss", "elapsed"} <= set(r)
+    m = Model.load("run")                                   # the folder -> latest.npz
+    assert m.cfg.d_model == 16 and m.meta["step"] == 40
+    best = Model.load(os.path.join("run", "best.npz"))
+    assert abs(best.meta["val_loss"] - min(vals)) < 1e-5
+
+
+def test_resume_gives_the_same_losses(corpus, monkeypatch):
+    common = ["--data", corpus, "--max-steps", "12", "--eval-interval", "4", "--save-interval", "3",
+              "--warmup", "3", "--loss-frac", "0.5", "--ema", "0.9", "--grad-accum", "2"] + TINY
+    assert train.main(common + ["--out", "a"]) == 0
+
+    real_step = train.Run.train_step
+
+    def interrupted(self):                                  # a Ctrl-C arrives during step 7
+        out = real_step(self)
+        if self.step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(train.Run, "train_step", interrupted)
+    assert train.main(common + ["--out", "b"]) == 0
+    assert load_checkpoint("b")[1]["step"] == 7
+    monkeypatch.setattr(train.Run, "train_step", real_step)
+    assert train.main(common + ["--out", "b", "--resume"]) == 0
+
+    a, b = read_log("a"), read_log("b")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 13))
+    for ra, rb in zip(a, b):
+        assert ra["train_loss"] == rb["train_loss"], (ra, rb)
+        assert ra.get("val_loss") == rb.get("val_loss"), (ra, rb)
+    pa_, pb = load_checkpoint("a")[0], load_checkpoint("b")[0]
+    for k in pa_:
+        np.testing.assert_array_equal(pa_[k], pb[k], err_msg=k)
+
+
+def test_resume_refuses_other_settings(corpus, capsys):
+    assert train.main(["--data", corpus, "--out", "r", "--max-steps", "2"] + TINY) == 0
+    assert train.main(["--data", corpus, "--out", "r", "--max-steps", "3", "--resume", "--head", "hier"] + TINY) == 1
+    assert "started with --head full" in capsys.readouterr().err
+    assert train.main(["--data", corpus, "--out", "nothing-here", "--resume"] + TINY) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, monkeypatch, capsys):
+    real = Model.loss_and_grads
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        loss, grads = real(self, *a, **k)
+        return (float("nan") if calls["n"] == 5 else loss), grads
+    monkeypatch.setattr(Model, "loss_and_grads", poisoned)
+    code = train.main(["--data", corpus, "--out", "n", "--max-steps", "20", "--save-interval", "2"] + TINY)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "step 5" in err and "nan" in err and "last good checkpoint" in err
+    m = Model.load("n")
+    assert m.meta["step"] == 4
+    assert all(np.isfinite(v).all() for v in m.params.values())
+
+
+def test_sigint_to_a_training_process_leaves_a_loadable_checkpoint(corpus, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", corpus, "--out", "s",
+           "--max-steps", "100000", "--eval-interval", "100000"] + TINY
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(tmp_path / "s" / "log.jsonl") and len(read_log(tmp_path / "s")) >= 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "stopped by SIGINT" in out
+    m = Model.load(str(tmp_path / "s"))
+    assert m.meta["step"] >= 3
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "s"))
+
+
+def test_hier_head_trains_and_saves_its_class_map(corpus):
+    assert train.main(["--data", corpus, "--out", "h", "--max-steps", "6", "--head", "hier",
+                       "--hier-classes", "20"] + TINY) == 0
+    m = Model.load("h")
+    assert m.cfg.head == "hier" and m.hier.n_classes == 20
+    # the class map came from the training data's counts, not the default
+    from nanoternary.ops.hier_head import ClassMap
+    assert not np.array_equal(m.hier.token_class, ClassMap.default(50257, 20).token_class)
+
+
+def test_time_budget_and_token_limit(corpus):
+    assert train.main(["--data", corpus, "--out", "t", "--max-steps", "0", "--max-tokens", "1000"] + TINY) == 0
+    log = read_log("t")
+    assert log[-1]["tokens"] >= 1000 and log[-2]["tokens"] < 1000
+    assert train.main(["--data", corpus, "--out", "u", "--max-steps", "0", "--time-budget", "0.05",
+                       "--eval-interval", "1000"] + TINY) == 0
+    log = read_log("u")
+    assert 3.0 <= log[-1]["elapsed"] < 3.0 + 20
+    assert "val_loss" in log[-1]
