@@ -81,7 +81,7 @@ HUB_SHARD = "sample/10BT/{:03d}_00000.parquet"        # shards 000, 001, ... of 
 HUB_MAX_TOKENS = 32_000_000      # the reference read 30,000 documents = 32M tokens
 HUB_TIMEOUT = 15.0               # seconds to wait for the hub's first answer before going offline
 
-BATCH_CHARS = 1_000_000          # characters per encode_ordinary_batch call (~250k tokens)
+BATCH_CHARS = 1_000_000          # characters per batch handed to the tokenizer threads (~250k tokens)
 
 
 class DataError(ValueError):
@@ -733,7 +733,8 @@ def val_windows(tokens, batch_size, seq_len, n_batches, seed=0):
     with `seed`. If the split holds fewer than batch_size * n_batches windows, all of them are used,
     in as many full batches as they fill (or one smaller batch), so every batch has the same size
     and a plain mean of per-batch losses is the mean over windows."""
-    n_windows = (len(tokens) - 1) // seq_len       # window i: tokens[i*T : i*T + T + 1]
+    # window i is tokens[i*T : i*T + T + 1]: its inputs and targets overlap no other window's
+    n_windows = (len(tokens) - 1) // seq_len
     if n_windows < 1:
         raise ValueError(f"the validation split has {len(tokens):,} tokens, fewer than one window of "
                          f"seq_len + 1 = {seq_len + 1}; use more data, a larger val_fraction or a shorter seq_len")
