@@ -14,7 +14,9 @@ EPS = 1e-6  # as in the reference (FlashLM v3) and the PyTorch peer
 def rmsnorm_forward(x, g, eps=EPS):
     # x (..., C), g (C,) -> y (..., C)
     """y = x * r * g with r = 1/sqrt(mean(x^2) + eps). Caches (x*r, r, g)."""
-    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    C = x.shape[-1]
+    ms = np.einsum("...c,...c->...", x, x)[..., None] / C               # mean(x^2), no x*x temporary
+    r = 1.0 / np.sqrt(ms + eps)                                          # (..., 1)
     xhat = x * r
     y = xhat * g
     return y, (xhat, r, g)
@@ -34,5 +36,6 @@ def rmsnorm_backward(dy, cache):
     C = xhat.shape[-1]
     dg = (dy * xhat).reshape(-1, C).sum(axis=0)
     dxhat = dy * g
-    dx = r * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))  # term 1 + term 2
+    mean_dot = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C
+    dx = r * (dxhat - xhat * mean_dot)                                   # term 1 + term 2
     return dx, dg
