@@ -1,0 +1,115 @@
+"""Equal wall clock: the full and the hierarchical head, trained from the same initialisation on
+the same data for the same time, and (optionally) the PyTorch peer with the reference recipe.
+
+    python -m nanoternary.compare_heads --data '../shared/corpus/*.parquet' --minutes 20
+    python -m nanoternary.compare_heads --data '../shared/corpus/*.parquet' --minutes 20 \\
+        --peer /tmp/torchenv/bin/python          # and the PyTorch peer, same budget, same data
+
+Runs `train.py` once per head (one after the other, so each has the whole machine), in
+OUT/full and OUT/hier, with the same seed: the core and the embedding start from identical weights
+(the hier head's class vectors are drawn after them). Any other train.py flags after `--` are
+passed to both runs. The two validation losses are exact NLLs (nats/token, no smoothing) on the
+same validation windows, so they compare directly. The peer logs its own validation NLL on its own
+5% document split (32 windows of 256 tokens); ours uses data.py's 5% split.
+
+Writes OUT/summary.json and, with matplotlib, OUT/val_loss_vs_time.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(os.path.dirname(HERE), "train.py")
+PEER = os.path.join(os.path.dirname(HERE), "..", "shared", "peers", "torch_train_peer.py")
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def val_curve(records):
+    return [(r["elapsed"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+
+
+def run_ours(head, args, extra):
+    out = os.path.join(args.out, head)
+    cmd = [sys.executable, TRAIN, "--head", head, "--time-budget", str(args.minutes), "--max-steps", "0",
+           "--out", out, "--seed", str(args.seed)] + sum((["--data", d] for d in args.data or []), []) + extra
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return val_curve(read_log(os.path.join(out, "log.jsonl")))
+
+
+def run_peer(args):
+    out = os.path.join(args.out, "peer.jsonl")
+    cmd = [args.peer, PEER, "--data", args.data[0], "--minutes", str(args.minutes), "--out", out,
+           "--seed", str(args.seed)]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return val_curve(read_log(out))
+
+
+def plot(curves, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in curves.items():
+        if pts:
+            t, v = zip(*pts)
+            ax.plot([x / 60 for x in t], v, "o-", ms=3, label=name)
+    ax.set_xlabel("minutes of wall clock")
+    ax.set_ylabel("validation NLL (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description="Full vs hierarchical head at equal wall clock.")
+    ap.add_argument("--data", action="append", help="parquet/jsonl/txt globs (default: train.py's default data)")
+    ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget per run (default 20)")
+    ap.add_argument("--out", default="runs/compare_heads", help="folder for the runs (default runs/compare_heads)")
+    ap.add_argument("--seed", type=int, default=0, help="default 0")
+    ap.add_argument("--heads", default="full,hier", help="which runs, in order (default full,hier)")
+    ap.add_argument("--peer", metavar="PYTHON", help="also train the PyTorch peer with this python "
+                    "(needs --data: the peer reads parquet only)")
+    args = ap.parse_args(argv)
+    if args.peer and not args.data:
+        ap.error("--peer needs --data (a parquet glob)")
+    os.makedirs(args.out, exist_ok=True)
+    curves = {}
+    for head in args.heads.split(","):
+        curves[f"nanoternary, {head} head"] = run_ours(head, args, extra)
+    if args.peer:
+        curves["PyTorch peer (reference recipe)"] = run_peer(args)
+    summary = {name: {"final_val_loss": pts[-1][1] if pts else None,
+                      "best_val_loss": min(v for _, v in pts) if pts else None,
+                      "evaluations": len(pts)} for name, pts in curves.items()}
+    summary["minutes"] = args.minutes
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    png = plot(curves, os.path.join(args.out, "val_loss_vs_time.png"))
+    print(f"\nequal wall clock, {args.minutes:g} minutes each:")
+    for name, s in summary.items():
+        if isinstance(s, dict):
+            print(f"  {name:<36} final val loss {s['final_val_loss']:.4f}   best {s['best_val_loss']:.4f}")
+    if png:
+        print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()
