@@ -1,0 +1,814 @@
+"""Streaming generation: constant cost per token, add/subtract ternary layers, packed checkpoints.
+
+    gen = Generator("out")                 # a run folder or file, full or packed; or a Model
+    ids = []
+    for tok in gen.generate(enc.encode("The history of"), max_new_tokens=100, temperature=0.8,
+                            top_k=200, rng=np.random.default_rng(0)):
+        ids.append(tok)                    # a generator: tokens arrive one at a time
+    enc.decode(ids); gen.stats             # prompt / generation tokens and seconds
+
+    python -m nanoternary.generate export --checkpoint out --out out/model-packed.npz
+    python -m nanoternary.generate bench   # tokens/s: reference config, random weights, JSON
+
+sample.py (the command people run) is a thin layer over `Generator.generate` that prints each
+token as it comes (taking care of UTF-8 characters split across tokens).
+
+Measured on our 2-core VM (`python -m nanoternary.generate bench`, reference configuration,
+temperature 0.8, top-k 200), generation with the full 50,257-way head: about 200 tokens/s with
+kernel "addsub", 230-290 with "blas"; the head's GEMV alone takes about 2 ms of the 4-5 ms per
+token. The machine is shared, so figures vary by +-30% from run to run.
+
+## Why a new token costs the same whatever the context length
+
+The model has no attention and no positional embedding: its only mixing over time is the causal
+dilated convolutions of the ConvMixer, n_recursions x len(dilations) of them (2 x 3 = 6 for the
+reference), and each looks back a fixed (K-1)*D steps. So the prompt is processed once, in one
+batched pass of the usual ops (the same op calls as `Model._block_forward`), and from then on a
+new token needs, per conv, only the last (K-1)*D inputs of that conv: a ring buffer.
+
+One conv with kernel K and dilation D reads the normalised input u of its layer (C,) at the taps
+
+    y_t = sum_k  W_k  u_{t - (K-1-k) D}            k = 0 .. K-1, tap K-1 is the new input u_t
+
+Its ring buffer holds L = (K-1) * D rows: row (p mod L) is u_p for the last L positions
+p = t-L .. t-1, and zeros for p < 0 (that IS the causal left padding of the full conv). At position t
+
+    tap K-1:  u_t                           the new input, not in the buffer yet
+    tap k:    u_{t - L + kD}                at row (t - L + kD) mod L = (t + kD) mod L, k < K-1
+
+then u_t is written to row t mod L, over u_{t-L}: the oldest tap of position t+1 is t+1-L, so
+u_{t-L} is never needed again. Reference sizes: L = 3, 12 and 192 rows of C = 256 for the
+dilations 1, 4, 64, about 0.4 MB in all for both recursions. Per conv and token: gather K taps,
+one small (1, K*Ci) @ (K*Ci, 2*Co) product per group (gate and value weights side by side), the
+sigmoid gate, write one row. After the prompt pass, the buffers are filled from the pass's u's.
+
+Everything else in the block works on each position alone (RMSNorm, the ternary linears, the GLU),
+so a step is the block's op list on ONE row. The whole model sees cfg.receptive_field tokens
+(1 + 2 * 3 * (1+4+64) = 415 for the reference); the buffers hold exactly what that needs.
+
+## The ternary layers: additions and subtractions
+
+kernel="addsub" (the default here) runs the four ternary matrices of the block (mix.out, glu.gate,
+glu.up, glu.down) without a multiplication. `AddSubMatvec` takes the add/subtract plan of
+`ops.ternary.addsub_plan` (which columns are +1, which -1, row by row) and, for one input x (I,):
+
+    xx = [x, -x, 0]                                   (2I+1,)  negation: a subtraction from 0
+    y[o] = sum of xx[j] over j in idx[starts[o] : starts[o+1]]
+         = sum_{i: W_t[o,i] = +1} x_i  -  sum_{i: W_t[o,i] = -1} x_i
+
+idx lists row o's +1 columns i and its -1 columns as I + i (an all-zero row gets the index 2I, the
+zero), so one gather (np.take) and one segmented sum (np.add.reduceat) per matrix, into buffers
+allocated once. glu.gate and glu.up read the same input, so they are stacked into one (2H, C)
+matrix. kernel="blas" runs the same products as float GEMVs, for comparison. The prompt pass uses
+the op itself (`ternary_linear_forward(..., kernel)`), in row chunks for "addsub" (its gather is
+rows x nonzeros values).
+
+## The head
+
+Full head: logits = h @ E^T for the last position only: a (V, C) x (C,) GEMV, 50,257 x 256 float32
+= 51 MB read per token; memory-bound, the floor of the per-token cost (`bench` measures it alone).
+Hier head: a class c ~ P(class | h) from the n_classes logits h @ W_c^T, then a token ~
+P(token | c, h) from the |S_c| logits h @ E[S_c]^T, nothing else. The embedding rows are kept
+class by class (E[order]), so a class's tokens are a contiguous slice. Temperature, top-k and top-p
+apply to each of the two draws (exact for temperature 1 without filters; otherwise the natural
+two-level analogue of the full-vocabulary filter, as the full one would need all V logits).
+
+## Packed checkpoints (`export_packed`, `load_weights`)
+
+A .npz with the checkpoint.py conventions (JSON meta, written to a .tmp and renamed):
+
+    param/<name>    every float tensor except the 4 ternary latents (embed.w as float16 optionally)
+    ternary/<name>  the QUANTIZED ternary weights, packed by pack.py: "2bit" (2 bits/weight) or
+                    "base3" (5 trits per byte, 1.6 bits/weight); shape and scale s in the meta
+    cmap/<key>      the hier head's class map
+    meta            {"format": "nanoternary-packed-1", "kind": "packed", "scheme", "config", ...}
+
+The ternary weights are stored as the model's quantizer produced them, and the generator uses them
+as they are. Quantizing them again would not be safe: absmean is not idempotent (a ternary matrix
+without zeros has mean|W| = 1, and the rule W > 1 then turns every weight to 0).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checkpoint import CheckpointError, check_params, load_checkpoint, load_model, resolve
+from .model import TERNARY, Model, ModelConfig, param_shapes
+from .ops.conv import conv1d_forward
+from .ops.gates import relu2_glu_forward, sigmoid_gate_forward
+from .ops.hier_head import hier_log_probs
+from .ops.norm import rmsnorm_forward
+from .ops.ternary import addsub_plan, ternary_linear_forward
+from .pack import SCHEMES, bits_per_weight, pack, unpack
+from .sampling import sample_token
+
+EOT = 50256                          # GPT-2's <|endoftext|>: the start token of an empty prompt
+PACKED_FORMAT = "nanoternary-packed-1"
+KERNELS = ("addsub", "blas")
+ADDSUB_CHUNK = 1 << 20               # prompt pass, "addsub": at most this many gathered values at once
+
+
+# ----------------------------------------------------------------------------------------------
+# what the generator runs from: float tensors + the quantized ternary matrices
+
+
+@dataclass
+class InferenceWeights:
+    """Everything generation needs, from a Model or from a packed checkpoint.
+
+    params   name -> float array: embedding, norm gains, conv weights, hier class vectors
+             (every parameter except the four ternary latents)
+    ternary  name -> (W_t (O, I) int8 in {-1, 0, +1}, s float): the quantized matrices, as they are
+    """
+    cfg: ModelConfig
+    params: dict
+    ternary: dict
+    class_map: object = None          # ops.hier_head.ClassMap for the hier head
+    meta: dict = field(default_factory=dict)
+    kind: str = "model"               # "model" (in memory), "full" or "packed" (loaded from a file)
+    path: str = None
+
+    @property
+    def dtype(self):
+        return self.params["norm_f.g"].dtype
+
+
+def weights_from_model(model):
+    """A Model's weights for generation: `model._quantized()` ternary weights (quantized now) and
+    its float tensors (the model's own arrays, not copies): build a new Generator after training more."""
+    q = model._quantized()
+    ternary = {}
+    for name in TERNARY:
+        wt, s = q[name]
+        if model.cfg.ternary:
+            ternary[name] = (wt.astype(np.int8), float(s))
+        else:  # float weights (ternary=False): kept as they are, only the "blas" kernel applies
+            ternary[name] = (np.array(wt), float(s))
+    params = {k: v for k, v in model.params.items() if k not in TERNARY}
+    return InferenceWeights(model.cfg, params, ternary, model.hier, dict(getattr(model, "meta", {})),
+                            "model", None)
+
+
+def _read_npz(path):
+    """All arrays and the parsed JSON meta of a .npz checkpoint, or a CheckpointError saying why not."""
+    _check_zip(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}          # reading every member checks every CRC
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a readable nanoternary checkpoint ({type(e).__name__}: "
+                              f"{e}); it may be truncated or corrupt") from None
+    if "meta" not in arrays:
+        raise CheckpointError(f"{path} is a .npz file but not a nanoternary checkpoint (no 'meta' entry)")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: its metadata is damaged ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is not a JSON object")
+    return arrays, meta
+
+
+def _check_zip(path):
+    # np.load reads a file that is not a zip as a pickle and complains about pickles: say it plainly
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"{path} is not a nanoternary checkpoint: not a .npz (zip) file")
+
+
+def _peek_kind(path):
+    """"packed" or "full", reading only the meta member (a full checkpoint is validated by load_model)."""
+    _check_zip(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise CheckpointError(f"{path} is a .npz file but not a nanoternary checkpoint (no 'meta' entry)")
+            meta = json.loads(z["meta"].tobytes().decode())
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable nanoternary checkpoint ({type(e).__name__}: "
+                              f"{e}); it may be truncated or corrupt") from None
+    return "packed" if isinstance(meta, dict) and meta.get("kind") == "packed" else "full"
+
+
+def load_weights(path, dtype=None, ema=False):
+    """A checkpoint for generation: a full one (train.py's) or a packed one, the file or its run
+    folder (-> latest.npz). Raises CheckpointError for missing, damaged or foreign files.
+    ema=True: a full checkpoint's EMA-averaged weights (what train.py evaluates with --ema)."""
+    f = resolve(path)
+    if _peek_kind(f) == "packed":
+        if ema:
+            raise CheckpointError(f"{f} is a packed checkpoint with one set of weights; to sample "
+                                  f"the EMA weights, export them with `export --ema`")
+        return load_packed(f, dtype)
+    w = weights_from_model(_load_full(f, dtype, ema))
+    w.kind, w.path = "full", f
+    return w
+
+
+def _load_full(path, dtype=None, ema=False):
+    """load_model, with the EMA weights (opt/ema/shadow/<name>) in place of the trained ones if ema."""
+    model = load_model(path, dtype=dtype)
+    if ema:
+        _, _, opt, _ = load_checkpoint(path)
+        prefix = "ema/shadow/"
+        shadow = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
+        if not shadow:
+            raise CheckpointError(f"{path} has no EMA weights (trained without --ema)")
+        check_params(shadow, {k: v.shape for k, v in model.params.items()}, f"{path} (EMA weights)")
+        for k, v in shadow.items():
+            model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
+        model.meta = {**model.meta, "ema": True}
+    return model
+
+
+def as_weights(source, dtype=None):
+    """InferenceWeights from a Model, InferenceWeights, or a checkpoint path (full or packed)."""
+    if isinstance(source, InferenceWeights):
+        return source
+    if isinstance(source, Model):
+        return weights_from_model(source)
+    if isinstance(source, (str, os.PathLike)):
+        return load_weights(os.fspath(source), dtype)
+    raise TypeError(f"expected a Model, InferenceWeights or a checkpoint path, got {type(source).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# packed export
+
+
+def export_packed(source, path, scheme="2bit", embed_fp16=False, ema=False):
+    """Write a compact generation checkpoint; -> a report dict (sizes in bytes, bits per weight).
+
+    source: a Model, or a checkpoint path (file or run folder). The four ternary matrices are
+    quantized with the model's own rule (`Model._quantized`) and packed with `scheme` ("2bit" or
+    "base3"); every other tensor is stored as float (embed.w as float16 if embed_fp16: half the
+    file, a rounding of the embedding, so logits change slightly). ema=True packs a checkpoint's
+    EMA-averaged weights instead of the trained ones.
+    """
+    source_path = None
+    if isinstance(source, Model):
+        if ema:
+            raise ValueError("ema=True needs a checkpoint path (the EMA weights are in the checkpoint)")
+        model = source
+    else:
+        source_path = resolve(os.fspath(source))
+        model = _load_full(source_path, ema=ema)
+    if not model.cfg.ternary:
+        raise ValueError("this model has float weights (ternary=False): there is nothing to pack")
+    w = weights_from_model(model)
+    w.path = source_path
+    rep = save_packed(w, path, scheme, embed_fp16)
+    rep["source_checkpoint"] = source_path
+    rep["source_bytes"] = os.path.getsize(source_path) if source_path else None
+    return rep
+
+
+def save_packed(w, path, scheme="2bit", embed_fp16=False):
+    """Write InferenceWeights `w` as a packed checkpoint, atomically; -> the size report.
+    The ternary weights are packed exactly as they are in w.ternary (int8 -1/0/+1)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown packing scheme {scheme!r}; expected one of {SCHEMES}")
+    arrays, tern_meta = {}, {}
+    for k, v in w.params.items():
+        arrays[f"param/{k}"] = v.astype(np.float16) if (k == "embed.w" and embed_fp16) else v
+    n_weights = n_bytes = 0
+    for name, (wt, s) in w.ternary.items():
+        packed, shape = pack(wt, scheme)                      # ValueError if not -1/0/+1
+        arrays[f"ternary/{name}"] = packed
+        tern_meta[name] = {"shape": list(shape), "scale": float(s),
+                           "bits_per_weight": bits_per_weight(packed, shape)}
+        n_weights += wt.size
+        n_bytes += packed.nbytes
+    if w.class_map is not None:
+        for k, v in w.class_map.state().items():
+            arrays[f"cmap/{k}"] = np.asarray(v)
+    meta = {
+        "format": PACKED_FORMAT,
+        "kind": "packed",
+        "scheme": scheme,
+        "config": w.cfg.to_dict(),
+        "dtype": str(w.dtype),
+        "embed_dtype": "float16" if embed_fp16 else str(w.dtype),
+        "ternary": tern_meta,
+        "source": {"path": w.path, **{k: w.meta[k] for k in ("step", "tokens", "val_loss", "ema")
+                                      if k in w.meta}},
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:                   # atomic, as checkpoint.save_checkpoint
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    float_bytes = sum(v.nbytes for v in w.params.values()) + n_weights * w.dtype.itemsize
+    return {
+        "path": path,
+        "scheme": scheme,
+        "bytes": os.path.getsize(path),
+        "float_weights_bytes": float_bytes,        # every parameter as float: a params-only checkpoint
+        "ternary_weights": n_weights,
+        "ternary_bytes": n_bytes,
+        "ternary_float_bytes": n_weights * w.dtype.itemsize,
+        "bits_per_ternary_weight": 8.0 * n_bytes / n_weights,
+        "embed_dtype": meta["embed_dtype"],
+    }
+
+
+def load_packed(path, dtype=None):
+    """InferenceWeights from a packed checkpoint (export_packed's), validated; CheckpointError if not."""
+    arrays, meta = _read_npz(path)
+    if meta.get("format") != PACKED_FORMAT or meta.get("kind") != "packed":
+        raise CheckpointError(f"{path}: not a packed generation checkpoint (format {meta.get('format')!r})")
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+        scheme = meta["scheme"]
+        tern_meta = meta["ternary"]
+        saved_dtype = np.dtype(meta["dtype"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its metadata is missing or invalid ({e})") from None
+    dtype = np.dtype(dtype) if dtype is not None else saved_dtype
+    groups = {"param": {}, "ternary": {}, "cmap": {}}
+    for k, v in arrays.items():
+        prefix, _, name = k.partition("/")
+        if prefix not in groups:
+            raise CheckpointError(f"{path}: unexpected entry {k!r}")
+        groups[prefix][name] = v
+    shapes = param_shapes(cfg)
+    float_shapes = {k: s for k, s in shapes.items() if k not in TERNARY}
+    check_params(groups["param"], float_shapes, path)
+    if sorted(groups["ternary"]) != sorted(TERNARY) or sorted(tern_meta) != sorted(TERNARY):
+        raise CheckpointError(f"{path}: expected packed tensors {list(TERNARY)}, found {sorted(groups['ternary'])}")
+    ternary = {}
+    for name in TERNARY:
+        shape = tuple(tern_meta[name]["shape"])
+        if shape != tuple(shapes[name]):
+            raise CheckpointError(f"{path}: {name} has shape {shape}, the configuration needs {shapes[name]}")
+        try:
+            wt = unpack(groups["ternary"][name], shape, scheme)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {name} cannot be unpacked ({e})") from None
+        ternary[name] = (wt, float(tern_meta[name]["scale"]))
+    params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in groups["param"].items()}
+    class_map = None
+    if cfg.head == "hier":
+        from .model import n_hier_classes
+        from .ops.hier_head import ClassMap
+        class_map = (ClassMap.from_state(groups["cmap"]) if groups["cmap"]
+                     else ClassMap.default(cfg.vocab_size, n_hier_classes(cfg)))
+    return InferenceWeights(cfg, params, ternary, class_map, meta, "packed", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the two per-token building blocks: a ternary matvec and a dilated conv with its ring buffer
+
+
+class AddSubMatvec:
+    """y = s * (W_t @ x) for one input x (I,), by additions and subtractions (module docstring).
+
+    Built once from `addsub_plan(W_t)`; every buffer is allocated here, so a call allocates nothing.
+    The returned y is that buffer: use it before the next call.
+    """
+
+    def __init__(self, wt, s, dtype):
+        plan = addsub_plan(wt)
+        O, I = wt.shape
+        (pc, pn), (mc, mn) = plan["plus"], plan["minus"]
+        # one signed index list, row by row: row o's +1 columns i, then its -1 columns as I + i
+        rows = np.concatenate([np.repeat(np.arange(O), pn), np.repeat(np.arange(O), mn)])
+        cols = np.concatenate([pc, I + mc])
+        empty = np.flatnonzero(pn + mn == 0)      # all-zero rows read the zero at 2I
+        rows = np.concatenate([rows, empty])
+        cols = np.concatenate([cols, np.full(empty.size, 2 * I)])
+        order = np.argsort(rows, kind="stable")   # stable: within a row, +1 columns first, ascending
+        self.idx = cols[order].astype(np.intp)
+        counts = np.bincount(rows, minlength=O)   # >= 1 for every row now
+        self.starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.intp)
+        self.I, self.s = I, s
+        self.xx = np.zeros(2 * I + 1, dtype=dtype)           # [x, -x, 0]
+        self.vals = np.empty(self.idx.size, dtype=dtype)     # the gathered values
+        self.y = np.empty(O, dtype=dtype)
+
+    def __call__(self, x):
+        # x (I,) -> y (O,)
+        I = self.I
+        self.xx[:I] = x
+        np.negative(x, out=self.xx[I:2 * I])
+        np.take(self.xx, self.idx, out=self.vals)            # gather: +x_i and -x_i, row after row
+        np.add.reduceat(self.vals, self.starts, out=self.y)  # segmented sums: one per output row
+        if self.s != 1.0:
+            self.y *= self.s                                  # BitNet's per-tensor scale, if used
+        return self.y
+
+
+class BlasMatvec:
+    """y = s * (W_t @ x) as one float GEMV: the comparison path."""
+
+    def __init__(self, wt, s, dtype):
+        self.w = np.ascontiguousarray(wt, dtype=dtype)
+        self.s = s
+        self.y = np.empty(wt.shape[0], dtype=dtype)
+
+    def __call__(self, x):
+        # x (I,) -> y (O,)
+        np.dot(self.w, x, out=self.y)
+        if self.s != 1.0:
+            self.y *= self.s
+        return self.y
+
+
+class ConvRing:
+    """One causal dilated grouped conv pair (gate and value) of one block application, one token
+    at a time, with the ring buffer of its last L = (K-1)*D inputs (module docstring).
+
+    ring (G, L, Ci)      row p mod L holds u_p, group-major (group g's channels g*Ci .. g*Ci+Ci-1)
+    W    (G, K*Ci, 2Co)  W[g, k*Ci + i, o] = w_gate[g*Co + o, i, k]; columns Co + o: w_value
+    """
+
+    def __init__(self, w_gate, w_value, dilation, groups, dtype):
+        C_out, Ci, K = w_gate.shape
+        G, D = groups, dilation
+        Co = C_out // G
+        self.G, self.Ci, self.Co, self.K, self.D = G, Ci, Co, K, D
+        self.L = (K - 1) * D
+        self.ring = np.zeros((G, self.L, Ci), dtype=dtype)
+        # (C_out, Ci, K) -> (G, Co, Ci, K) -> (G, K, Ci, Co) -> (G, K*Ci, Co): row k*Ci + i, column o
+        split = lambda w: w.reshape(G, Co, Ci, K).transpose(0, 3, 2, 1).reshape(G, K * Ci, Co)
+        self.W = np.ascontiguousarray(np.concatenate([split(w_gate), split(w_value)], axis=2), dtype=dtype)
+        self.kD = np.arange(K - 1) * D             # tap k < K-1 sits at row (t + kD) mod L
+
+    def fill(self, u):
+        # u (T, C): this conv's inputs over the whole prompt -> the ring as it is at position t = T
+        T = u.shape[0]
+        self.ring[:] = 0                           # positions < 0: the causal zero padding
+        if self.L == 0:
+            return
+        p = np.arange(max(0, T - self.L), T)       # the last L positions (fewer if T < L)
+        self.ring[:, p % self.L] = u[p].reshape(-1, self.G, self.Ci).transpose(1, 0, 2)
+
+    def step(self, u, t):
+        # u (C,) the input at position t -> z (C,) = sigmoid(conv_gate) * conv_value at t
+        G, Ci, Co, K = self.G, self.Ci, self.Co, self.K
+        ug = u.reshape(G, 1, Ci)
+        if self.L:
+            rows = (t + self.kD) % self.L                                    # taps 0 .. K-2
+            taps = np.concatenate((self.ring[:, rows], ug), axis=1)          # (G, K, Ci)
+            self.ring[:, t % self.L] = ug[:, 0]                              # u_t over u_{t-L}
+        else:
+            taps = ug
+        y = np.matmul(taps.reshape(G, 1, K * Ci), self.W)                    # (G, 1, 2Co)
+        z, _ = sigmoid_gate_forward(y[:, 0, :Co], y[:, 0, Co:])              # (G, Co)
+        return z.reshape(G * Co)
+
+
+# ----------------------------------------------------------------------------------------------
+# the generator
+
+
+@dataclass
+class GenStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    new_tokens: int = 0
+    gen_seconds: float = 0.0
+    stop_reason: str = ""              # "eot" or "length"
+
+    def rates(self):
+        """(prompt tokens/s, generation tokens/s)."""
+        pr = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else float("nan")
+        gr = self.new_tokens / self.gen_seconds if self.gen_seconds > 0 else float("nan")
+        return pr, gr
+
+
+class Generator:
+    """Incremental decoding for a model: one batched prompt pass, then one token at a time.
+
+    source: a Model, InferenceWeights, or a checkpoint path (full or packed, file or run folder).
+    kernel: "addsub" (default) or "blas" for the ternary layers. eot: the <|endoftext|> id, the
+    start token of an empty prompt and where generation stops.
+
+    Low level (what `generate` strings together, and what the tests compare with the full forward):
+        H = gen.prefill(ids)        # ids (T,) -> H (T, C): final hidden states; state at position T
+        h = gen.step(token)         # the next position: h (C,)
+        gen.logits(h)               # full head: (V,) logits;  gen.log_probs(h): (V,) either head
+        tok = gen.sample(h, rng, temperature, top_k, top_p)
+    """
+
+    def __init__(self, source, kernel="addsub", dtype=None, eot=EOT):
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: use one of {KERNELS}")
+        w = as_weights(source, dtype)
+        self.weights, self.cfg, self.kernel, self.eot = w, w.cfg, kernel, int(eot)
+        cfg = self.cfg
+        self.dtype = np.dtype(dtype) if dtype is not None else w.dtype
+        dt = self.dtype
+        p = {k: np.ascontiguousarray(v, dtype=dt) for k, v in w.params.items()}
+        self.p = p
+        if kernel == "addsub" and not cfg.ternary:
+            raise ValueError("kernel 'addsub' needs ternary weights; this model has float weights "
+                             "(ternary=False): use kernel='blas'")
+        # ternary layers: the prompt pass uses the op (float W_t or a plan), the step a matvec
+        self.tern = {}
+        for name, (wt, s) in w.ternary.items():
+            s = dt.type(s)
+            self.tern[name] = (wt.astype(dt), s, addsub_plan(wt) if kernel == "addsub" else None)
+        Matvec = AddSubMatvec if kernel == "addsub" else BlasMatvec
+        (wg, sg), (wu, su) = w.ternary["block.glu.gate.w"], w.ternary["block.glu.up.w"]
+        self.mv_out = Matvec(*w.ternary["block.mix.out.w"], dt)
+        self.mv_down = Matvec(*w.ternary["block.glu.down.w"], dt)
+        if sg == su:              # gate and up read the same u: one stacked (2H, C) matrix
+            self.mv_gateup = Matvec(np.concatenate([wg, wu]), sg, dt)
+        else:
+            self.mv_gate, self.mv_up = Matvec(wg, sg, dt), Matvec(wu, su, dt)
+            self.mv_gateup = None
+        # one ConvRing per conv of every block application (the weights are shared, the state not)
+        G = cfg.conv_groups
+        self.convs = [[ConvRing(p[f"block.mix.conv{i}.gate.w"], p[f"block.mix.conv{i}.value.w"], D, G, dt)
+                       for i, D in enumerate(cfg.dilations)] for _ in range(cfg.n_recursions)]
+        # the head
+        if cfg.head == "full":
+            self.E = p["embed.w"]                                  # (V, C), rows by token id
+            self.row_of = None
+            self._logits = np.empty(cfg.vocab_size, dtype=dt)      # preallocated: 200 KB, reused
+        else:
+            cm = w.class_map
+            self.E = np.ascontiguousarray(p["embed.w"][cm.order])  # rows class by class
+            self.row_of = np.empty(cfg.vocab_size, dtype=np.intp)  # token -> its row in self.E
+            self.row_of[cm.order] = np.arange(cfg.vocab_size)
+            self.Wc = p["head.class_w"]
+            self.class_map = cm
+        del p["embed.w"]                                           # self.E holds it
+        self.pos = 0
+        self.stats = GenStats()
+
+    # ------------------------------------------------------------------ the model, two ways
+
+    def _embed(self, ids):
+        # ids (...) int -> (..., C)
+        return self.E[ids] if self.row_of is None else self.E[self.row_of[ids]]
+
+    def _linear(self, name, x):
+        # x (N, I) -> (N, O): the op, with this generator's kernel (row chunks for addsub)
+        wt, s, plan = self.tern[name]
+        if plan is None:
+            return ternary_linear_forward(x, wt, s, kernel="blas")[0]
+        nnz = plan["plus"][0].size + plan["minus"][0].size
+        rows = max(1, ADDSUB_CHUNK // max(nnz, 1))
+        if x.shape[0] <= rows:
+            return ternary_linear_forward(x, wt, s, kernel="addsub", plan=plan)[0]
+        return np.concatenate([ternary_linear_forward(x[i:i + rows], wt, s, kernel="addsub", plan=plan)[0]
+                               for i in range(0, x.shape[0], rows)])
+
+    def prefill(self, ids):
+        # ids (T,) int -> H (T, C) final hidden state of every position; the rings now hold
+        # everything position T needs. The op list of Model._block_forward, with B = 1.
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        T = ids.size
+        if T == 0:
+            raise ValueError("prefill needs at least one token (generate() starts an empty prompt with eot)")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        p, cfg = self.p, self.cfg
+        C, G = cfg.d_model, cfg.conv_groups
+        x = self._embed(ids)[None]                                           # (1, T, C)
+        for r in range(cfg.n_recursions):
+            # ConvMixer
+            h, _ = rmsnorm_forward(x, p["block.norm_mix.g"])
+            for i, D in enumerate(cfg.dilations):
+                u, _ = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
+                self.convs[r][i].fill(u[0])                                  # the ring at position T
+                a, _ = conv1d_forward(u, p[f"block.mix.conv{i}.gate.w"], D, G)
+                v, _ = conv1d_forward(u, p[f"block.mix.conv{i}.value.w"], D, G)
+                z, _ = sigmoid_gate_forward(a, v)
+                h = h + z
+            x = x + self._linear("block.mix.out.w", h.reshape(T, C)).reshape(1, T, C)
+            # TernaryGLU
+            u, _ = rmsnorm_forward(x, p["block.norm_glu.g"])
+            u = u.reshape(T, C)
+            a = self._linear("block.glu.gate.w", u)
+            b = self._linear("block.glu.up.w", u)
+            z, _ = relu2_glu_forward(a, b)
+            x = x + self._linear("block.glu.down.w", z).reshape(1, T, C)
+        h, _ = rmsnorm_forward(x, p["norm_f.g"])
+        self.pos = T
+        return h[0]
+
+    def step(self, token):
+        # token int at position self.pos -> h (C,) its final hidden state; advances self.pos.
+        # The same op list on one row; the convs read their rings instead of the whole sequence.
+        p, cfg, t = self.p, self.cfg, self.pos
+        if not 0 <= token < cfg.vocab_size:
+            raise ValueError(f"token {token} is not in [0, {cfg.vocab_size})")
+        x = self._embed(token).copy()                                        # (C,)
+        for r in range(cfg.n_recursions):
+            h, _ = rmsnorm_forward(x, p["block.norm_mix.g"])
+            for i, conv in enumerate(self.convs[r]):
+                u, _ = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
+                h += conv.step(u, t)
+            x += self.mv_out(h)
+            u, _ = rmsnorm_forward(x, p["block.norm_glu.g"])
+            if self.mv_gateup is not None:
+                ab = self.mv_gateup(u)                                       # (2H,) = [gate; up]
+                H = ab.shape[0] // 2
+                z, _ = relu2_glu_forward(ab[:H], ab[H:])
+            else:
+                z, _ = relu2_glu_forward(self.mv_gate(u), self.mv_up(u))
+            x += self.mv_down(z)
+        h, _ = rmsnorm_forward(x, p["norm_f.g"])
+        self.pos = t + 1
+        return h
+
+    # ------------------------------------------------------------------ the head
+
+    def logits(self, h):
+        # h (C,) -> (V,) logits = E @ h (full head). A buffer reused by the next call.
+        if self.cfg.head != "full":
+            raise ValueError("logits() is for the full head; the hier head has log_probs()")
+        return np.dot(self.E, h, out=self._logits)
+
+    def log_probs(self, h):
+        # h (C,) -> (V,) log P(token | h) for every token (all V dot products: tests, inspection)
+        if self.cfg.head == "full":
+            l = self.logits(h).astype(np.float64)
+            m = l.max()
+            return l - (m + np.log(np.exp(l - m).sum()))
+        cm = self.class_map
+        E_by_id = self.E[self.row_of]
+        return hier_log_probs(h[None], E_by_id, self.Wc, cm)[0]
+
+    def sample(self, h, rng, temperature=1.0, top_k=None, top_p=None):
+        # h (C,) -> the next token id
+        if self.cfg.head == "full":
+            return sample_token(self.logits(h), rng, temperature, top_k, top_p)
+        cm = self.class_map
+        c = sample_token(self.Wc @ h, rng, temperature, top_k, top_p)       # class ~ P(c | h)
+        lo, hi = cm.offsets[c], cm.offsets[c + 1]
+        j = sample_token(self.E[lo:hi] @ h, rng, temperature, top_k, top_p)  # token ~ P(. | c, h)
+        return int(cm.order[lo + j])
+
+    # ------------------------------------------------------------------ the loop
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, rng=None,
+                 stop_at_eot=True):
+        """Yield up to max_new_tokens new token ids, one at a time, as they are sampled.
+
+        An empty prompt starts from eot. Stops before yielding eot unless stop_at_eot=False.
+        rng: a np.random.Generator (None: a fresh unseeded one). Timings go to self.stats.
+        """
+        ids = [int(i) for i in prompt_ids] or [self.eot]
+        if ids == [self.eot] and not 0 <= self.eot < self.cfg.vocab_size:
+            raise ValueError(f"empty prompt: the start token eot={self.eot} is not in this model's "
+                             f"vocabulary of {self.cfg.vocab_size}; give a prompt or pass eot=")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        sample_token(np.zeros(2), np.random.default_rng(0), temperature, top_k, top_p)  # check options now
+        rng = rng if rng is not None else np.random.default_rng()
+        return self._generate(ids, int(max_new_tokens), temperature, top_k, top_p, rng, stop_at_eot)
+
+    def _generate(self, ids, n, temperature, top_k, top_p, rng, stop_at_eot):
+        st = self.stats = GenStats()
+        t0 = time.perf_counter()
+        h = self.prefill(ids)[-1]
+        st.prompt_tokens, st.prompt_seconds = len(ids), time.perf_counter() - t0
+        st.stop_reason = "length"
+        for k in range(n):
+            t0 = time.perf_counter()
+            tok = self.sample(h, rng, temperature, top_k, top_p)
+            if tok == self.eot and stop_at_eot:
+                st.gen_seconds += time.perf_counter() - t0
+                st.stop_reason = "eot"
+                return
+            if k + 1 < n:
+                h = self.step(tok)          # computed before yielding: the caller's time is not ours
+            st.gen_seconds += time.perf_counter() - t0
+            st.new_tokens += 1
+            yield tok
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark
+
+
+def _best_ms(fn, repeat=5, number=50):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return 1e3 * best
+
+
+def bench(head="full", tokens=200, prompt_len=64, kernels=KERNELS, temperature=0.8, top_k=200,
+          top_p=None, seed=0, cfg=None):
+    """Generation speed for the reference configuration (or cfg) with random weights -> a dict."""
+    cfg = cfg if cfg is not None else ModelConfig(head=head)
+    head = cfg.head
+    model = Model(cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, cfg.vocab_size, prompt_len)
+    out = {"config": cfg.to_dict(), "tokens": tokens, "prompt_tokens": prompt_len,
+           "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p}, "kernels": {}}
+    for kernel in kernels:
+        gen = Generator(model, kernel=kernel)
+        best = None
+        for _ in range(3):                                       # best of 3 runs: a shared machine
+            list(gen.generate(prompt, tokens, temperature, top_k, top_p, np.random.default_rng(seed),
+                              stop_at_eot=False))
+            if best is None or gen.stats.gen_seconds < best.gen_seconds:
+                best = gen.stats
+        pr, gr = best.rates()
+        # the parts of one token, each timed alone
+        h = gen.prefill(prompt)[-1]
+        tok = int(prompt[-1])
+        core_ms = _best_ms(lambda: gen.step(tok))               # the block, twice: no head
+        r = np.random.default_rng(0)
+        sample_ms = _best_ms(lambda: gen.sample(h, r, temperature, top_k, top_p))   # head + draw
+        head_ms = _best_ms(lambda: gen.logits(h)) if head == "full" else None
+        out["kernels"][kernel] = {
+            "tokens_per_s": round(gr, 1), "ms_per_token": round(1e3 / gr, 3),
+            "prompt_tokens_per_s": round(pr, 1),
+            "step_core_ms": round(core_ms, 3),            # embedding lookup + block x n_recursions
+            "head_ms": head_ms and round(head_ms, 3),     # full head: the logits GEMV alone
+            "head_and_sampling_ms": round(sample_ms, 3),  # logits (or the two hier levels) + the draw
+        }
+    if head == "full":
+        E = model.params["embed.w"]
+        hv = np.random.default_rng(1).standard_normal(cfg.d_model).astype(E.dtype)
+        buf = np.empty(cfg.vocab_size, dtype=E.dtype)
+        gemv = _best_ms(lambda: np.dot(E, hv, out=buf))
+        out["head_gemv_ms"] = round(gemv, 3)
+        out["head_gemv_ceiling_tokens_per_s"] = round(1e3 / gemv, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _human(n):
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m nanoternary.generate",
+                                 description="Packed generation checkpoints and the generation benchmark.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a packed checkpoint for generation and print its size")
+    ex.add_argument("--checkpoint", default="out", help="checkpoint file or run folder (default: out)")
+    ex.add_argument("--out", default=None,
+                    help="output .npz (default: model-packed.npz next to the checkpoint)")
+    ex.add_argument("--scheme", choices=SCHEMES, default="2bit",
+                    help="2bit: 2 bits/weight; base3: 5 trits/byte, 1.6 bits/weight (default: 2bit)")
+    ex.add_argument("--embed-fp16", action="store_true",
+                    help="store the embedding as float16: about half the file (default: float32)")
+    ex.add_argument("--ema", action="store_true",
+                    help="pack the checkpoint's EMA weights (train.py --ema) instead of the trained ones")
+    ex.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    be = sub.add_parser("bench", help="generation tokens/s, reference config, random weights (JSON)")
+    be.add_argument("--head", choices=("full", "hier"), default="full", help="output head (default: full)")
+    be.add_argument("--tokens", type=int, default=200, help="tokens generated per run (default: 200)")
+    be.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
+    be.add_argument("--kernel", choices=KERNELS + ("both",), default="both",
+                    help="ternary kernel(s) to time (default: both)")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "bench":
+        kernels = KERNELS if args.kernel == "both" else (args.kernel,)
+        print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels), indent=1))
+        return 0
+
+    try:
+        src = resolve(args.checkpoint)
+        out = args.out or os.path.join(os.path.dirname(src) or ".", "model-packed.npz")
+        rep = export_packed(src, out, args.scheme, args.embed_fp16, args.ema)
+        w = load_packed(out)                       # read it back: the check a user would do next
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rep["reloaded"] = bool(w.kind == "packed")
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    print(f"wrote {out}: {_human(rep['bytes'])} ({rep['bytes']:,} bytes)")
+    print(f"  from {src}: {_human(rep['source_bytes'])} (the full checkpoint: float weights, plus optimizer state if saved)")
+    print(f"  all weights as {w.dtype}: {_human(rep['float_weights_bytes'])}")
+    print(f"  ternary: {rep['ternary_weights']:,} weights in {rep['ternary_bytes']:,} bytes "
+          f"({rep['scheme']}: {rep['bits_per_ternary_weight']:.3f} bits/weight; "
+          f"{rep['ternary_float_bytes']:,} bytes as {w.dtype})")
+    print(f"  embedding stored as {rep['embed_dtype']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
