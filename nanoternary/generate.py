@@ -13,10 +13,12 @@
 sample.py (the command people run) is a thin layer over `Generator.generate` that prints each
 token as it comes (taking care of UTF-8 characters split across tokens).
 
-Measured on our 2-core VM (`python -m nanoternary.generate bench`, reference configuration,
-temperature 0.8, top-k 200), generation with the full 50,257-way head: about 200 tokens/s with
-kernel "addsub", 230-290 with "blas"; the head's GEMV alone takes about 2 ms of the 4-5 ms per
-token. The machine is shared, so figures vary by +-30% from run to run.
+Measured on our 2-core VM (`python -m nanoternary.generate bench`: reference configuration,
+random weights, 64-token prompt, 200 new tokens, temperature 0.8, top-k 200), with the full
+50,257-way head: 190-255 tokens/s with kernel "addsub", 290-330 with "blas". The head's GEMV alone
+takes 1.4-1.5 ms of the 3-5 ms per token (a ceiling near 700 tokens/s), the block's two
+applications 1.2-1.4 ms (addsub) or 0.5-0.6 ms (blas). With `--head hier`: 560 and 1,370 tokens/s.
+The machine is shared with other work, so figures move by about 25% from run to run.
 
 ## Why a new token costs the same whatever the context length
 
