@@ -35,7 +35,7 @@ from .ops.head import log_softmax, softmax_ce_forward, softmax_ce_fused
 from .ops.norm import rmsnorm_backward, rmsnorm_forward
 from .ops.ternary import (ternary_linear_backward, ternary_linear_forward, ternary_quantize,
                           ternary_ste_backward)
-from .parallel import default_workers, run_shards
+from .parallel import add_into, default_workers, run_shards
 from .profile import section
 
 
@@ -283,7 +283,7 @@ class Model:
             for loss_s, grads_s in results[1:]:        # data parallel: sum the shards
                 loss += loss_s
                 for k in grads:
-                    grads[k] += grads_s[k]
+                    add_into(grads[k], grads_s[k])
         return loss, grads
 
     def _shards(self, B):

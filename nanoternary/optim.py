@@ -35,12 +35,14 @@ two optimizers in one file) and load_state_dict() takes the arrays np.load gives
 
 The AdamW update of the 50257 x 256 embedding runs every step, so the elementwise updates are
 written with in-place operations on cache-sized pieces (see `_chunks`): no full-size temporary is
-allocated per step.
+allocated per step, and the pieces are shared between the cores (parallel.parallel_ranges).
 """
 import math
 from contextlib import contextmanager
 
 import numpy as np
+
+from .parallel import parallel_ranges
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
@@ -49,8 +51,8 @@ import numpy as np
 CHUNK = 32768  # elements per piece in the elementwise updates (128 KB of float32, fits in L2)
 
 
-def _chunks(n):
-    """Slices covering range(n), CHUNK elements at a time.
+def _chunks(lo, hi=None):
+    """Slices covering range(lo, hi) (or range(n)), CHUNK elements at a time.
 
     An update like AdamW's is about a dozen elementwise passes. Over the whole 50257 x 256
     embedding each pass streams 51 MB from memory; done piece by piece, the dozen passes run on a
@@ -58,8 +60,10 @@ def _chunks(n):
     memory (measured here: 140 ms -> 63 ms per AdamW step of the float32 embedding). It also
     means the temporary is one small buffer instead of a full-size array.
     """
-    for i in range(0, n, CHUNK):
-        yield slice(i, min(i + CHUNK, n))
+    if hi is None:
+        lo, hi = 0, lo
+    for i in range(lo, hi, CHUNK):
+        yield slice(i, min(i + CHUNK, hi))
 
 
 def _flat(name, a):
@@ -67,14 +71,6 @@ def _flat(name, a):
     if not a.flags.c_contiguous:
         raise ValueError(f"{name}: parameters must be C-contiguous to be updated in place")
     return a.reshape(-1)
-
-
-def _tmp_buffer(bufs, dtype):
-    """One CHUNK-sized scratch buffer per dtype, kept across steps."""
-    dtype = np.dtype(dtype)
-    if dtype not in bufs:
-        bufs[dtype] = np.empty(CHUNK, dtype=dtype)
-    return bufs[dtype]
 
 
 def _num(x):
@@ -164,7 +160,6 @@ class AdamW:
         self.m = {k: np.zeros_like(p) for k, p in params.items()}
         self.v = {k: np.zeros_like(p) for k, p in params.items()}
         self.t = {k: 0 for k in self.names}
-        self._bufs = {}
 
     def step(self, params, grads, lr=None):
         """Update the owned params in place. lr overrides the base lr (for schedules)."""
@@ -189,27 +184,32 @@ class AdamW:
                 raise ValueError(f"AdamW: gradient of {k} has shape {g.shape}, parameter {params[k].shape}")
             P, G = _flat(k, params[k]), np.ravel(g)
             M, V = self.m[k].reshape(-1), self.v[k].reshape(-1)
-            buf = _tmp_buffer(self._bufs, P.dtype)
-            for s in _chunks(P.size):                 # see _chunks: same math, cache-sized pieces
-                p, g_, m, v, tmp = P[s], G[s], M[s], V[s], buf[:s.stop - s.start]
-                # decoupled weight decay: p *= 1 - lr*wd, independent of the gradient
-                if shrink != 1.0:
-                    p *= shrink
-                # m = b1*m + (1-b1)*g
-                m *= b1
-                np.multiply(g_, 1.0 - b1, out=tmp)
-                m += tmp
-                # v = b2*v + (1-b2)*g^2
-                v *= b2
-                np.multiply(g_, g_, out=tmp)
-                tmp *= 1.0 - b2
-                v += tmp
-                # p -= step_size * m / (sqrt(v) + eps_hat)
-                np.sqrt(v, out=tmp)
-                tmp += eps_hat
-                np.divide(m, tmp, out=tmp)
-                tmp *= step_size
-                p -= tmp
+            parallel_ranges(lambda lo, hi: self._update(P, G, M, V, lo, hi, shrink, step_size, eps_hat), P.size)
+
+    def _update(self, P, G, M, V, lo, hi, shrink, step_size, eps_hat):
+        """The AdamW update of the flat slice [lo, hi) (one worker's share of a parameter)."""
+        b1, b2 = self.betas
+        buf = np.empty(CHUNK, dtype=P.dtype)
+        for s in _chunks(lo, hi):                     # see _chunks: same math, cache-sized pieces
+            p, g_, m, v, tmp = P[s], G[s], M[s], V[s], buf[:s.stop - s.start]
+            # decoupled weight decay: p *= 1 - lr*wd, independent of the gradient
+            if shrink != 1.0:
+                p *= shrink
+            # m = b1*m + (1-b1)*g
+            m *= b1
+            np.multiply(g_, 1.0 - b1, out=tmp)
+            m += tmp
+            # v = b2*v + (1-b2)*g^2
+            v *= b2
+            np.multiply(g_, g_, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp
+            # p -= step_size * m / (sqrt(v) + eps_hat)
+            np.sqrt(v, out=tmp)
+            tmp += eps_hat
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
 
     def state_dict(self):
         """{"kind": "AdamW", "m/<name>": array, "v/<name>": array, "t/<name>": int} for each owned
@@ -475,7 +475,6 @@ class EMA:
         self.decay, self.warmup = decay, warmup
         self.shadow = {k: p.copy() for k, p in params.items()}
         self.num_updates = 0
-        self._bufs = {}
 
     def current_decay(self):
         if self.warmup:
@@ -487,13 +486,16 @@ class EMA:
         self.num_updates += 1
         for k, s in self.shadow.items():
             S, P = s.reshape(-1), np.ravel(params[k])
-            buf = _tmp_buffer(self._bufs, S.dtype)
-            for c in _chunks(S.size):
-                # ema = d*ema + (1-d)*p, written as ema -= (1-d)*(ema - p)
-                tmp = buf[:c.stop - c.start]
-                np.subtract(S[c], P[c], out=tmp)
-                tmp *= 1.0 - d
-                S[c] -= tmp
+
+            def update(lo, hi, S=S, P=P):
+                buf = np.empty(CHUNK, dtype=S.dtype)
+                for c in _chunks(lo, hi):
+                    # ema = d*ema + (1-d)*p, written as ema -= (1-d)*(ema - p)
+                    tmp = buf[:c.stop - c.start]
+                    np.subtract(S[c], P[c], out=tmp)
+                    tmp *= 1.0 - d
+                    S[c] -= tmp
+            parallel_ranges(update, S.size)
 
     def copy_to(self, params):
         """Overwrite params (in place) with the averaged weights."""

@@ -86,13 +86,39 @@ def blas_threads(n):
             setter(old)
 
 
+def _get_pool(n):
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nanoternary")
+    return _pool
+
+
 def run_shards(fn, shards):
     """[fn(*s) for s in shards], one thread per shard, each BLAS call single-threaded."""
-    global _pool
     if len(shards) == 1:
         return [fn(*shards[0])]
-    if _pool is None or _pool._max_workers < len(shards):
-        _pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="nanoternary-shard")
     with blas_threads(1):
-        futures = [_pool.submit(fn, *s) for s in shards]
+        futures = [_get_pool(len(shards)).submit(fn, *s) for s in shards]
         return [f.result() for f in futures]
+
+
+def parallel_ranges(fn, n, min_size=1 << 20):
+    """fn(lo, hi) over consecutive pieces of range(n), one per worker, in parallel: for elementwise
+    work on big arrays (the optimizer's update of the 12.9M-entry embedding). Small n: one call."""
+    workers = default_workers()
+    if n < min_size or workers == 1:
+        fn(0, n)
+        return
+    bounds = [n * i // workers for i in range(workers + 1)]
+    futures = [_get_pool(workers).submit(fn, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    for f in futures:
+        f.result()
+
+
+def add_into(a, b):
+    """a += b, the work shared between the cores when the arrays are big (the embedding's gradient)."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+
+    def add(lo, hi):
+        fa[lo:hi] += fb[lo:hi]
+    parallel_ranges(add, fa.size)

@@ -119,6 +119,28 @@ def test_head_chunked_equals_one_shot(rng, chunk):
     np.testing.assert_allclose(-lp[np.arange(N), y], nll, rtol=1e-12)
 
 
+def test_head_shift_free_path_equals_max_shift(rng):
+    """Small logits skip softmax's max-shift (a Cauchy-Schwarz bound proves it safe); the result is
+    the same as with the shift."""
+    import nanoternary.ops.head as head
+    N, C, V = 9, 6, 40
+    h, E = rng.standard_normal((N, C)), rng.standard_normal((V, C)) * 0.3
+    y = rng.integers(0, V, N)
+    assert head._logit_bound(h, E) < head.SAFE_LOGIT
+    fast = softmax_ce_fused(h, E, y, None, 0.1, 1e-3, chunk=4)
+    saved = head.SAFE_LOGIT
+    head.SAFE_LOGIT = -1.0                                   # force the max-shift path
+    try:
+        slow = softmax_ce_fused(h, E, y, None, 0.1, 1e-3, chunk=4)
+        slow_nll = softmax_ce_forward(h, E, y, 4)
+    finally:
+        head.SAFE_LOGIT = saved
+    assert abs(fast[0] - slow[0]) < 1e-12
+    np.testing.assert_allclose(fast[1], slow[1], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(fast[2], slow[2], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(softmax_ce_forward(h, E, y, 4), slow_nll, rtol=1e-12)
+
+
 def test_head_float32_large_logits(rng):
     """Logits far beyond exp's float32 range still give a finite, correct loss (max-shift)."""
     N, C, V = 6, 4, 30

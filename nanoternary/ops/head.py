@@ -21,10 +21,20 @@ then dh = dl @ E and dE = dl^T @ h, two more GEMMs the size of the first.
 
 Why fused and chunked: the (N, V) logits for a batch of 8 x 256 rows are 2048 * 50257 * 4 bytes
 = 412 MB in float32, and the probabilities and their gradient would be as big again. The backward
-needs p, so instead of storing it we compute, for `chunk` rows at a time, the logits, then
-(in place, in the same buffer) the probabilities, then dl, and immediately the chunk's share of
-dh and dE. Memory is O(chunk * V): 1024 rows -> 206 MB, whatever N is; the loss, dh and dE come out
-of one pass over the rows.
+needs p, so instead of storing it we compute, for `chunk` rows at a time, the logits and then, in
+place in the same buffer, their exponentials, and immediately the chunk's share of dh and dE.
+Memory is O(chunk * V): 1024 rows -> 206 MB, whatever N is; the loss, dh and dE come out of one
+pass over the rows.
+
+Every pass over that (chunk, V) buffer costs about as much as a tenth of a GEMM, so the code makes
+as few as it can: the GEMM that writes the logits, exp in place, a row sum, and the two backward
+GEMMs that read it. Nothing else touches it:
+  - the max-shift of a stable softmax is skipped when a bound shows it is not needed (_exp_inplace);
+  - with P = exp(l - m) and s its row sums, dl = a * P - onehot terms with one number per row,
+    a = (1 + 2 z lse) / (s n). The row scale a goes on the small matrices either side of the GEMMs,
+    dl @ E = a * (P @ E)  and  dl^T @ h = P^T @ (a * h),
+    and the one-hot and uniform terms are added to dh and dE directly (a gather, a scatter-add and
+    a rank-1 term) instead of being written into the buffer.
 """
 import numpy as np
 
@@ -40,13 +50,28 @@ def _chunk_logits(hc, E, buf):
     return L
 
 
-def _exp_inplace(L):
-    # L (n,V) logits -> L := exp(L - max), returns (m, s): row max and sum of exps, so lse = m + log s
-    m = L.max(axis=1)
-    L -= m[:, None]
+SAFE_LOGIT = 60.0  # |l| <= 60: exp(l) and a sum of 50,257 of them fit in float32 (max 3.4e38)
+
+
+def _exp_inplace(L, bound=None):
+    # L (n,V) logits -> L := exp(L - m), returns (m, s) with s the row sums, so lse = m + log s
+    """Softmax's usual max-shift costs two passes over the (n, V) buffer (the max, the subtraction).
+    When every |logit| is known to be at most SAFE_LOGIT (`bound`, from Cauchy-Schwarz, see
+    softmax_ce_fused) the shift is not needed: m = 0 and exp cannot overflow or underflow to 0."""
+    if bound is not None and bound <= SAFE_LOGIT:
+        m = np.zeros(L.shape[0], dtype=L.dtype)
+    else:
+        m = L.max(axis=1)
+        L -= m[:, None]
     np.exp(L, out=L)
     s = L.sum(axis=1)
     return m, s
+
+
+def _logit_bound(h, E):
+    # -> max over rows and tokens of |h_i . E_v| <= max_i ||h_i|| * max_v ||E_v||  (Cauchy-Schwarz)
+    return float(np.sqrt(np.einsum("nc,nc->n", h, h).max(initial=0.0)) *
+                 np.sqrt(np.einsum("vc,vc->v", E, E).max()))
 
 
 def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
@@ -60,23 +85,25 @@ def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
     V = E.shape[0]
     eps, z = float(label_smoothing), float(z_loss)
     hs, ys = (h, targets) if rows is None else (h[rows], targets[rows])
-    n_total = denom if denom is not None else max(hs.shape[0], 1)
+    n_rows = hs.shape[0]
+    n_total = denom if denom is not None else max(n_rows, 1)
     dhs = np.empty_like(hs)
     dE = None
     if need_dE:                                    # written by the first chunk's GEMM (zeros if none)
-        dE = np.empty_like(E) if hs.shape[0] else np.zeros_like(E)
-    tmp = np.empty_like(E) if need_dE and hs.shape[0] > chunk else None   # for dE += (more chunks)
-    buf = np.empty((min(chunk, hs.shape[0]), V), dtype=h.dtype)
+        dE = np.empty_like(E) if n_rows else np.zeros_like(E)
+    tmp = np.empty_like(E) if need_dE and n_rows > chunk else None    # for dE += (more chunks)
+    buf = np.empty((min(chunk, n_rows), V), dtype=h.dtype)
     Esum = E.sum(axis=0) if eps else None                              # sum_v E_v, for mean_v l_v
+    bound = _logit_bound(hs, E)
+    w_hot = (1.0 - eps) / n_total                                      # weight of the one-hot term
     loss_sum = 0.0
-    for i in range(0, hs.shape[0], chunk):
+    for i in range(0, n_rows, chunk):
         hc, yc = hs[i:i + chunk], ys[i:i + chunk]
         n = hc.shape[0]
-        ar = np.arange(n)
         with section("head forward"):
-            L = _chunk_logits(hc, E, buf)
-            ly = L[ar, yc].astype(np.float64)                          # target logits, before exp
-            m, s = _exp_inplace(L)                                     # L = exp(l - m)
+            P = _chunk_logits(hc, E, buf)
+            ly = P[np.arange(n), yc].astype(np.float64)                # target logits, before exp
+            m, s = _exp_inplace(P, bound)                              # P = exp(l - m), s = sum_v P
             lse = m.astype(np.float64) + np.log(s.astype(np.float64))
             row_loss = (1.0 - eps) * (lse - ly) + z * lse * lse
             if eps:
@@ -84,18 +111,18 @@ def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
                 row_loss += eps * (lse - mean_l)
             loss_sum += row_loss.sum()
         with section("head backward"):
-            # dl = p * (1 + 2 z lse) - (1-eps) onehot(y) - eps/V, all / n_total (the mean).
-            # p = L / s, so one in-place scale turns the buffer into the first term.
-            L *= ((1.0 + 2.0 * z * lse) / (s * n_total)).astype(L.dtype)[:, None]
-            L[ar, yc] -= (1.0 - eps) / n_total
-            # the uniform -eps/V term is added below as a rank-1 correction, without a pass over L
-            np.matmul(L, E, out=dhs[i:i + n])                          # dh = dl @ E
-            if need_dE:                                                # dE += dl^T @ h
-                if i == 0:
-                    np.matmul(L.T, hc, out=dE)
-                else:
-                    np.matmul(L.T, hc, out=tmp)
+            # dl = a * P - (1-eps)/n onehot(y) - eps/(V n), with a = (1 + 2 z lse) / (s n)
+            a = ((1.0 + 2.0 * z * lse) / (s * n_total)).astype(h.dtype)[:, None]     # (n, 1)
+            dhc = dhs[i:i + n]
+            np.matmul(P, E, out=dhc)                                   # dh = a * (P @ E) ...
+            dhc *= a
+            dhc -= h.dtype.type(w_hot) * E[yc]                         # ... - (1-eps)/n E[y]
+            if need_dE:                                                # dE += P^T @ (a * h)
+                out = dE if i == 0 else tmp
+                np.matmul(P.T, hc * a, out=out)
+                if i:
                     dE += tmp
+                np.add.at(dE, yc, -w_hot * hc)                         # ... - (1-eps)/n h at row y
     if eps:
         c = eps / (V * n_total)
         dhs -= (c * Esum).astype(h.dtype)                              # (-eps/V) 1^T @ E per row
@@ -115,11 +142,12 @@ def softmax_ce_forward(h, E, targets, chunk=DEFAULT_CHUNK):
     N = h.shape[0]
     nll = np.empty(N, dtype=np.float64)
     buf = np.empty((min(chunk, N), E.shape[0]), dtype=h.dtype)
+    bound = _logit_bound(h, E)
     for i in range(0, N, chunk):
         hc, yc = h[i:i + chunk], targets[i:i + chunk]
         L = _chunk_logits(hc, E, buf)
         ly = L[np.arange(hc.shape[0]), yc].astype(np.float64)
-        m, s = _exp_inplace(L)
+        m, s = _exp_inplace(L, bound)
         nll[i:i + hc.shape[0]] = m + np.log(s.astype(np.float64)) - ly
     return nll
 
