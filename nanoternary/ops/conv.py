@@ -20,9 +20,10 @@ import numpy as np
 
 
 def _split_weight(w, groups):
-    # w (C_out, Ci, K) -> (G, K, Ci, Co): one (Ci, Co) matrix per group and tap
+    # w (C_out, Ci, K) -> (G, K, Ci, Co): one (Ci, Co) matrix per group and tap, contiguous
+    # (matmul copies a strided weight for every batch element, which costs more than the product)
     C_out, Ci, K = w.shape
-    return w.reshape(groups, C_out // groups, Ci, K).transpose(0, 3, 2, 1)
+    return np.ascontiguousarray(w.reshape(groups, C_out // groups, Ci, K).transpose(0, 3, 2, 1))
 
 
 def _group_view(a, groups):
@@ -66,12 +67,13 @@ def conv1d_backward(dy, cache):
     P = PT - T
     xg = _group_view(xp, G)                                                     # (G,B,P+T,Ci)
     dyg = _group_view(dy, G)                                                    # (G,B,T,Co) view
+    WT = np.ascontiguousarray(W.transpose(0, 1, 3, 2))                         # (G,K,Co,Ci)
     dW = np.empty_like(W)                                                       # (G,K,Ci,Co)
     dxg = np.zeros((G, B, PT, Ci), dtype=dy.dtype)
     for k in range(K):
         win = xg[:, :, k * D:k * D + T]                                         # (G,B,T,Ci)
         dW[:, k] = np.matmul(win.transpose(0, 1, 3, 2), dyg).sum(axis=1)
-        dxg[:, :, k * D:k * D + T] += np.matmul(dyg, W[:, k, None].transpose(0, 1, 3, 2))
+        dxg[:, :, k * D:k * D + T] += np.matmul(dyg, WT[:, k, None])
     dx = dxg[:, :, P:].transpose(1, 2, 0, 3).reshape(B, T, C_in)
     dw = dW.transpose(0, 3, 2, 1).reshape(G * Co, Ci, K)                        # undo _split_weight
     return dx, dw

@@ -94,7 +94,8 @@ def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
     tmp = np.empty_like(E) if need_dE and n_rows > chunk else None    # for dE += (more chunks)
     buf = np.empty((min(chunk, n_rows), V), dtype=h.dtype)
     Esum = E.sum(axis=0) if eps else None                              # sum_v E_v, for mean_v l_v
-    bound = _logit_bound(hs, E)
+    # the bound reads all of E once: worth it only when the buffer passes it saves are bigger
+    bound = _logit_bound(hs, E) if n_rows > C else None
     w_hot = (1.0 - eps) / n_total                                      # weight of the one-hot term
     loss_sum = 0.0
     for i in range(0, n_rows, chunk):
@@ -142,7 +143,7 @@ def softmax_ce_forward(h, E, targets, chunk=DEFAULT_CHUNK):
     N = h.shape[0]
     nll = np.empty(N, dtype=np.float64)
     buf = np.empty((min(chunk, N), E.shape[0]), dtype=h.dtype)
-    bound = _logit_bound(h, E)
+    bound = _logit_bound(h, E) if N > E.shape[1] else None
     for i in range(0, N, chunk):
         hc, yc = h[i:i + chunk], targets[i:i + chunk]
         L = _chunk_logits(hc, E, buf)
