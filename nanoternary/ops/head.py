@@ -36,11 +36,25 @@ GEMMs that read it. Nothing else touches it:
     and the one-hot and uniform terms are added to dh and dE directly (a gather, a scatter-add and
     a rank-1 term) instead of being written into the buffer.
 """
+import threading
+
 import numpy as np
 
 from ..profile import section
 
 DEFAULT_CHUNK = 1024
+
+
+_buffers = threading.local()
+
+
+def _scratch(rows, V, dtype):
+    """The (rows, V) logits buffer, kept per thread between calls. A fresh 200 MB array each step
+    would cost its page faults again every time (the kernel maps and zeroes memory on first touch)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.shape[1] != V or buf.shape[0] < rows:
+        buf = _buffers.buf = np.empty((rows, V), dtype=dtype)
+    return buf[:rows]
 
 
 def _chunk_logits(hc, E, buf):
@@ -92,7 +106,7 @@ def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
     if need_dE:                                    # written by the first chunk's GEMM (zeros if none)
         dE = np.empty_like(E) if n_rows else np.zeros_like(E)
     tmp = np.empty_like(E) if need_dE and n_rows > chunk else None    # for dE += (more chunks)
-    buf = np.empty((min(chunk, n_rows), V), dtype=h.dtype)
+    buf = _scratch(min(chunk, n_rows), V, h.dtype)
     Esum = E.sum(axis=0) if eps else None                              # sum_v E_v, for mean_v l_v
     # the bound reads all of E once: worth it only when the buffer passes it saves are bigger
     bound = _logit_bound(hs, E) if n_rows > C else None
@@ -142,7 +156,7 @@ def softmax_ce_forward(h, E, targets, chunk=DEFAULT_CHUNK):
     """The plain negative log-likelihood per row (evaluation), chunked the same way."""
     N = h.shape[0]
     nll = np.empty(N, dtype=np.float64)
-    buf = np.empty((min(chunk, N), E.shape[0]), dtype=h.dtype)
+    buf = _scratch(min(chunk, N), E.shape[0], h.dtype)
     bound = _logit_bound(h, E) if N > E.shape[1] else None
     for i in range(0, N, chunk):
         hc, yc = h[i:i + chunk], targets[i:i + chunk]
