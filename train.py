@@ -430,10 +430,19 @@ def train(cfg, resume_from=None, show_profile=False):
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to every flag's help, unless the help already names its default."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     d = TrainConfig()
     ap = argparse.ArgumentParser(description="Train nanoternary (FlashLM v3 in NumPy).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     g = ap.add_argument_group("data")
     g.add_argument("--data", action="append", help="parquet/jsonl/txt paths or globs, repeatable "
                    "(default: FineWeb-Edu, or Python's docs when offline)")

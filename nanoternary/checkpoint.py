@@ -62,6 +62,12 @@ def resolve(path):
 def load_checkpoint(path):
     """-> (params, meta, opt_state, class_map_state), each a dict; raises CheckpointError."""
     path = resolve(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"{path} is not a nanoternary checkpoint (not a .npz file: "
+                              f"{'empty' if not magic else 'it starts with ' + repr(magic)}); "
+                              "train one with `python train.py`")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}       # reading every member checks every CRC

