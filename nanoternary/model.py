@@ -236,18 +236,16 @@ class Model:
             grads[name] += ternary_ste_backward(dwt)  # STE: the latent weight gets dW_t
         return dx
 
-    def _backward_hidden(self, dh, cache, grads, embed_grad=True):
-        # dh (B*T, C) -> grads (accumulated in place): the forward_hidden list, reversed.
-        # Returns the gradients at the input of each block application (for the tests).
+    def _backward_hidden(self, dh, cache, grads):
+        # dh (B*T, C) -> grads of the core (accumulated in place): the forward_hidden list, reversed.
+        # Returns the gradients at the input of each block application; the first is the gradient
+        # of the embedding lookup's output, for embedding_backward (done by the caller, which owns dE).
         c_embed, block_caches, c_norm_f, q, (B, T, C) = cache
         dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(B, T, C), c_norm_f)
         dxs = []
         for c in reversed(block_caches):             # the same weights: gradients summed
             dx = self._block_backward(dx, c, q, grads)
             dxs.insert(0, dx)
-        if embed_grad:                               # tied: head's dE already in grads["embed.w"]
-            with section("embedding"):
-                embedding_backward(dx, c_embed, dE=grads["embed.w"])
         return dxs
 
     # ------------------------------------------------------------------ the interface
@@ -261,8 +259,9 @@ class Model:
         `rng`, default the model's own generator). train_embed=False skips the embedding's gradient
         (the frozen phase) and saves one of the head's three GEMMs; grads then has no "embed.w".
 
-        The batch is split into `self.workers` shards computed in parallel (parallel.py); each
-        shard's loss and gradients are already divided by the whole batch's count, so they add up.
+        Three phases, each spread over `self.workers` cores (parallel.py): the forward of each shard
+        of the batch; the head over all rows (split by rows for the full head, by classes for the
+        hier head); the backward of each shard. The shards' weight gradients add up.
         """
         idx, targets = np.asarray(idx), np.asarray(targets)
         B, T = targets.shape
@@ -270,43 +269,61 @@ class Model:
         if loss_frac < 1.0:
             rng = rng if rng is not None else self.rng
             rows = np.sort(rng.choice(B * T, size=max(1, int(round(B * T * loss_frac))), replace=False))
-        denom = B * T if rows is None else rows.size
-        opts = dict(label_smoothing=label_smoothing, z_loss=z_loss, train_embed=train_embed, denom=denom)
+        shards = self._shards(B)
+        # 1. forward, one shard of the batch per core
+        fwd = run_shards(lambda b0, b1: self.forward_hidden(idx[b0:b1]), shards)
+        h = np.concatenate([h_s for h_s, _ in fwd])                      # (N, C)
+        # 2. the head over all N rows: the loss, dh, and the gradients of the head's weights
+        loss, dh, head_grads = self._head_loss_and_grads(h, targets.reshape(-1), rows, label_smoothing,
+                                                         z_loss, train_embed, [(a * T, b * T) for a, b in shards])
 
-        def shard(b0, b1):
-            r = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
-            return self._shard_loss_and_grads(idx[b0:b1], targets[b0:b1], r, **opts)
-
-        results = run_shards(shard, self._shards(B))
-        loss, grads = results[0]
+        # 3. backward, one shard per core
+        def backward(i, b0, b1):
+            grads = {k: np.zeros_like(v) for k, v in self.params.items() if k not in ("embed.w", "head.class_w")}
+            dxs = self._backward_hidden(dh[b0 * T:b1 * T], fwd[i][1], grads)
+            return grads, dxs[0]
+        results = run_shards(backward, [(i, b0, b1) for i, (b0, b1) in enumerate(shards)])
+        grads = results[0][0]
         with section("shard sum"):
-            for loss_s, grads_s in results[1:]:        # data parallel: sum the shards
-                loss += loss_s
+            for grads_s, _ in results[1:]:             # data parallel: sum the shards
                 for k in grads:
-                    add_into(grads[k], grads_s[k])
+                    grads[k] += grads_s[k]
+        grads.update(head_grads)
+        if train_embed:                                # tied: the head's dE plus the lookup's
+            with section("embedding"):
+                dx0 = np.concatenate([dx for _, dx in results])
+                embedding_backward(dx0, (idx, self.cfg.vocab_size), dE=grads["embed.w"])
         return loss, grads
 
     def _shards(self, B):
         bounds = np.linspace(0, B, min(self.workers, B) + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _shard_loss_and_grads(self, idx, targets, rows, *, label_smoothing, z_loss, train_embed, denom):
-        # idx, targets (b,T); rows: counted positions of this shard or None -> (loss share, grads)
-        h, cache = self.forward_hidden(idx)
-        grads = {k: np.zeros_like(v) for k, v in self.params.items() if k != "embed.w"}
+    def _head_loss_and_grads(self, h, targets, rows, label_smoothing, z_loss, train_embed, pieces):
+        # h (N,C), targets (N,) -> loss, dh (N,C), {"embed.w": dE, "head.class_w": dWc as present}
         E = self.params["embed.w"]
-        if self.cfg.head == "full":
-            loss, dh, dE = softmax_ce_fused(h, E, targets.reshape(-1), rows, label_smoothing, z_loss,
-                                            self.cfg.head_chunk, need_dE=train_embed, denom=denom)
-        else:
+        denom = h.shape[0] if rows is None else rows.size
+        if self.cfg.head == "hier":
             from .ops.hier_head import hier_ce_fused
-            loss, dh, dE, grads["head.class_w"] = hier_ce_fused(
-                h, E, self.params["head.class_w"], self.hier, targets.reshape(-1), rows,
-                label_smoothing, z_loss, need_dE=train_embed, denom=denom)
-        if train_embed:
-            grads["embed.w"] = dE                    # tied: the head's gradient for E, ...
-        self._backward_hidden(dh, cache, grads, embed_grad=train_embed)  # ... plus the lookup's
-        return loss, grads
+            loss, dh, dE, dWc = hier_ce_fused(h, E, self.params["head.class_w"], self.hier, targets, rows,
+                                              label_smoothing, z_loss, need_dE=train_embed,
+                                              workers=self.workers)
+            return loss, dh, {"head.class_w": dWc, **({"embed.w": dE} if train_embed else {})}
+
+        def piece(a, b):                               # the full head, split by rows
+            r = None if rows is None else rows[(rows >= a) & (rows < b)] - a
+            return softmax_ce_fused(h[a:b], E, targets[a:b], r, label_smoothing, z_loss,
+                                    self.cfg.head_chunk, need_dE=train_embed, denom=denom)
+        parts = run_shards(piece, pieces)
+        loss = sum(p[0] for p in parts)
+        dh = np.concatenate([p[1] for p in parts])
+        if not train_embed:
+            return loss, dh, {}
+        dE = parts[0][2]
+        with section("shard sum"):
+            for p in parts[1:]:
+                add_into(dE, p[2])
+        return loss, dh, {"embed.w": dE}
 
     def nll(self, idx, targets):
         # idx, targets (B,T) -> (B,T) float64: -log p(target) at every position

@@ -27,6 +27,7 @@ target with that level's uniform distribution, and the z-loss adds z * lse^2 for
 """
 import numpy as np
 
+from ..parallel import run_shards
 from ..profile import section
 
 
@@ -145,10 +146,13 @@ def _level_grad(L, pick, eps, z, scale):
 
 
 def hier_ce_fused(h, E, Wc, cmap, targets, rows=None, label_smoothing=0.0, z_loss=0.0, need_dE=True,
-                  denom=None):
+                  denom=None, workers=1):
     # h (N,C), E (V,C), Wc (n_classes,C), targets (N,) -> loss, dh (N,C), dE (V,C) or None, dWc
     """Mean loss over the counted rows and its gradients, in one pass (module docstring).
-    `denom`: the mean's denominator, as in head.softmax_ce_fused."""
+
+    `denom`: the mean's denominator, as in head.softmax_ce_fused. `workers`: the token level is
+    split by classes between that many threads (parallel.run_shards); each class's rows and tokens
+    belong to it alone, so the workers write disjoint rows of dh and dE."""
     eps, z = float(label_smoothing), float(z_loss)
     hs, ys = (h, targets) if rows is None else (h[rows], targets[rows])
     scale = 1.0 / (denom if denom is not None else max(hs.shape[0], 1))
@@ -160,24 +164,37 @@ def hier_ce_fused(h, E, Wc, cmap, targets, rows=None, label_smoothing=0.0, z_los
     with section("head backward"):
         dhs = dA @ Wc
         dWc = dA.T @ hs
-        dE = np.zeros_like(E) if need_dE else None
-    loss_sum = loss_a.sum()
     # token level: rows grouped by the class of their target; one GEMM per class present
     by_class = np.argsort(cls, kind="stable")
     present, starts, counts = np.unique(cls[by_class], return_index=True, return_counts=True)
-    for c, s0, k in zip(present, starts, counts):
-        r = by_class[s0:s0 + k]                       # rows whose target is in class c
-        toks = cmap.members(c)                        # S_c
-        with section("head forward"):
-            Ec = E[toks]                              # (|S_c|, C)
-            hb = hs[r]
-            Bl = hb @ Ec.T                            # (k, |S_c|) token logits within the class
-            loss_b, dB = _level_grad(Bl, cmap.position[ys[r]], eps, z, scale)
-            loss_sum += loss_b.sum()
-        with section("head backward"):
-            dhs[r] += dB @ Ec
-            if need_dE:
-                dE[toks] += dB.T @ hb                 # toks are distinct: plain += is exact here
+    dE = None
+    if need_dE:
+        dE = np.empty_like(E)                        # each present class's rows are written once below
+        dE[~np.isin(cmap.token_class, present)] = 0.0
+
+    def token_level(lo, hi):                         # the present classes lo .. hi-1
+        loss = 0.0
+        for c, s0, k in zip(present[lo:hi], starts[lo:hi], counts[lo:hi]):
+            r = by_class[s0:s0 + k]                  # rows whose target is in class c
+            toks = cmap.members(c)                   # S_c
+            with section("head forward"):
+                Ec = E[toks]                         # (|S_c|, C)
+                hb = hs[r]
+                Bl = hb @ Ec.T                       # (k, |S_c|) token logits within the class
+                loss_b, dB = _level_grad(Bl, cmap.position[ys[r]], eps, z, scale)
+                loss += loss_b.sum()
+            with section("head backward"):
+                dhs[r] += dB @ Ec
+                if need_dE:
+                    dE[toks] = dB.T @ hb             # the only rows of dE class c touches
+        return loss
+
+    # split the classes so that each worker gets about the same work (~ (rows + 2) * class size)
+    cost = np.cumsum((counts + 2) * np.diff(cmap.offsets)[present])
+    cuts = np.searchsorted(cost, cost[-1] * np.arange(1, workers) / workers) if present.size else []
+    bounds = [0, *[int(c) for c in cuts], present.size]
+    losses = run_shards(token_level, list(zip(bounds[:-1], bounds[1:])))
+    loss_sum = loss_a.sum() + sum(losses)
     if rows is None:
         dh = dhs
     else:
