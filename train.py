@@ -71,7 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0         # global gradient-norm clip [1.0]
     label_smoothing: float = 0.0   # training loss only [0.1]: off, it costs validation NLL
     z_loss: float = 1e-4           # training loss only [1e-4]
-    loss_frac: float = 0.25        # fraction of positions in the training loss [0.25]
+    loss_frac: float = None        # fraction of positions in the training loss [0.25]; None: 0.25
+                                   # with the full head (its cost), 1.0 with the cheap hier head
     ema: float = 0.0               # EMA decay of the weights used for evaluation, 0 = off [0.999]
     embed_init: str = "gpt2"       # "gpt2" SVD-projected GPT-2 embedding [gpt2], or "random"
     freeze_embed_steps: int = -1   # steps with a frozen embedding; -1: 1000 if GPT-2's, else 0 [1000]
@@ -249,11 +250,12 @@ class Run:
         T = curriculum_len(cfg, progress)
         B = max(1, cfg.batch_size * cfg.seq_len // T)         # constant tokens per step
         train_embed = self.step >= self.freeze_steps
+        loss_frac = cfg.loss_frac if cfg.loss_frac is not None else (0.25 if cfg.head == "full" else 1.0)
         loss, grads = 0.0, None
         for _ in range(cfg.grad_accum):
             x, y = get_batch(self.data.train, B, T, self.rng)
             l, g = model.loss_and_grads(x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                                        loss_frac=cfg.loss_frac, train_embed=train_embed)
+                                        loss_frac=loss_frac, train_embed=train_embed)
             if not math.isfinite(l):
                 raise Stop(f"step {self.step + 1}: the training loss is {l}")
             loss += l / cfg.grad_accum
@@ -473,7 +475,8 @@ def build_parser():
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (0: off)")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="training loss only")
     g.add_argument("--z-loss", type=float, default=d.z_loss, help="training loss only")
-    g.add_argument("--loss-frac", type=float, default=d.loss_frac, help="fraction of positions in the loss")
+    g.add_argument("--loss-frac", type=float, default=d.loss_frac,
+                   help="fraction of positions in the loss (default: 0.25 with the full head, 1.0 with hier)")
     g.add_argument("--ema", type=float, default=d.ema, help="EMA decay for evaluation weights (0: off)")
     g.add_argument("--embed-init", choices=["gpt2", "random"], default=d.embed_init, help="embedding init")
     g.add_argument("--freeze-embed-steps", type=int, default=d.freeze_embed_steps,

@@ -166,7 +166,7 @@ class Model:
                 a, cache[f"conv{i}.gate"] = conv1d_forward(u, p[f"block.mix.conv{i}.gate.w"], D, G)
                 v, cache[f"conv{i}.value"] = conv1d_forward(u, p[f"block.mix.conv{i}.value.w"], D, G)
                 z, cache[f"gate{i}"] = sigmoid_gate_forward(a, v)
-                h = h + z                                                       # residual
+                h += z                        # residual (in place: no cache holds this h)
             m, cache["out"] = ternary_linear_forward(h.reshape(B * T, C), *q["block.mix.out.w"])
             x = x + m.reshape(B, T, C)                                          # residual
         with section("glu"):

@@ -8,7 +8,10 @@ import numpy as np
 
 def sigmoid(a):
     # a (...) -> s (...); written as 0.5 * (1 + tanh(a/2)), which never overflows in exp
-    return 0.5 * (1.0 + np.tanh(0.5 * a))
+    s = np.tanh(0.5 * a)
+    s += 1.0
+    s *= 0.5
+    return s
 
 
 def sigmoid_gate_forward(a, v):

@@ -34,8 +34,10 @@ def rmsnorm_backward(dy, cache):
     """
     xhat, r, g = cache
     C = xhat.shape[-1]
-    dg = (dy * xhat).reshape(-1, C).sum(axis=0)
+    dg = np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))  # sum over rows of dy * xhat
     dxhat = dy * g
     mean_dot = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C
-    dx = r * (dxhat - xhat * mean_dot)                                   # term 1 + term 2
+    dx = xhat * mean_dot                                                 # term 2 ...
+    np.subtract(dxhat, dx, out=dx)                                       # ... + term 1
+    dx *= r
     return dx, dg
