@@ -36,6 +36,9 @@ def parse_args(argv=None):
     g.add_argument("--ema", action="store_true",
                    help="use the checkpoint's EMA-averaged weights (train.py --ema), as its evaluation "
                         "does (default: the trained weights)")
+    g.add_argument("--head", choices=("full", "hier"), default=None,
+                   help="the output head to expect; it comes from the checkpoint, which was trained "
+                        "with train.py --head (default: whatever the checkpoint has)")
     g = ap.add_argument_group("prompt and length")
     g.add_argument("--prompt", default="", metavar="TEXT",
                    help="text to continue (default: empty, which starts from <|endoftext|>)")
@@ -125,7 +128,16 @@ def main(argv=None):
         print(f"error: the prompt has token ids up to {max(prompt_ids)}, but this model's vocabulary "
               f"has {cfg.vocab_size} tokens", file=sys.stderr)
         return 1
-    gen = Generator(weights, kernel=args.kernel, eot=EOT)
+    if args.head and args.head != cfg.head:
+        print(f"error: {weights.path} has the {cfg.head} head, not {args.head}: the head is part of "
+              f"the trained model (drop --head, or pick a checkpoint trained with --head {args.head})",
+              file=sys.stderr)
+        return 1
+    try:
+        gen = Generator(weights, kernel=args.kernel, eot=EOT)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     rng = np.random.default_rng(args.seed)
     top_k = args.top_k or None
     top_p = args.top_p if args.top_p < 1 else None

@@ -8,9 +8,11 @@
 The default data is FineWeb-Edu (downloaded in part, cached under data/), or, with no network,
 Python's own documentation (nanoternary/data.py). The recipe follows FlashLM v3 (../shared/DESIGN.md):
 NorMuon for the ternary core's 2-D weights, AdamW for the rest, warmup-stable-decay schedule, gradient
-clipping 1.0, label smoothing 0.1, z-loss 1e-4, loss on a random 25% of positions, a tied embedding
+clipping 1.0, z-loss 1e-4, the full head's loss on a random 25% of positions, a tied embedding
 initialised from GPT-2's (SVD-projected, frozen for the first 1000 steps; random and trained from
-the start when GPT-2's weights cannot be downloaded). Where our defaults differ, TrainConfig says so.
+the start when GPT-2's weights cannot be downloaded). Our defaults differ in AdamW's learning rate
+(3e-3, not 3e-4) and label smoothing (off, not 0.1); TrainConfig marks the reference's values in
+brackets and the README shows the runs behind the choice.
 
 Output, in --out (default out/):
     log.jsonl            one JSON object per logged step: step, tokens, train_loss, lr, elapsed, ...
@@ -21,7 +23,6 @@ Output, in --out (default out/):
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -31,11 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanoternary import profile
+from nanoternary import profile, runlog
 from nanoternary.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, save_checkpoint
 from nanoternary.data import DataError, get_batch, prepare, val_windows
+from nanoternary.fileio import atomic_open
 from nanoternary.model import Model, ModelConfig
-from nanoternary.optim import EMA, AdamW, NorMuon, clip_grad_norm, cosine_frac, split_params, wsd_frac
+from nanoternary.optim import (EMA, AdamW, NorMuon, accumulate, clip_grad_norm, cosine_frac, split_params,
+                               wsd_frac)
+from nanoternary.parallel import set_threads
 
 
 @dataclass
@@ -45,6 +49,7 @@ class TrainConfig:
     data: list = None              # paths/globs; None: FineWeb-Edu, or Python's docs when offline
     data_tokens: int = None        # cap on tokens read from the data (None: all; FineWeb-Edu: 32M [32M])
     val_fraction: float = 0.05     # documents held out for validation [0.05]
+    data_seed: int = 0             # seeds the train/validation split (not --seed: same split, any run)
     # model (ModelConfig; the defaults are the reference's)
     head: str = "full"             # "full" 50,257-way softmax [full], or "hier" (two-level)
     hier_classes: int = 0          # hier head classes (0: sqrt(V) = 224)
@@ -57,7 +62,7 @@ class TrainConfig:
     ternary_scale: bool = False    # BitNet b1.58 per-tensor scale on the ternary outputs [off]
     # batches
     batch_size: int = 8            # sequences per micro-batch
-    seq_len: int = 256             # tokens per sequence (the last stage of the curriculum)
+    seq_len: int = 256             # tokens per sequence (and per validation window)
     curriculum: str = ""           # e.g. "64,128,256,512" [64,128,256,512]: the run is cut in equal
                                    # parts, one per length, at constant tokens per step
     grad_accum: int = 1            # micro-batches per optimizer step
@@ -77,7 +82,8 @@ class TrainConfig:
     embed_init: str = "gpt2"       # "gpt2" SVD-projected GPT-2 embedding [gpt2], or "random"
     freeze_embed_steps: int = -1   # steps with a frozen embedding; -1: 1000 if GPT-2's, else 0 [1000]
     # run length: stop at whichever comes first
-    max_steps: int = 4000          # optimizer steps [~4000]
+    max_steps: int = None          # optimizer steps [~4000]; None: 4000, or no limit when
+                                   # --time-budget or --max-tokens is given
     max_tokens: int = 0            # training tokens, 0 = no limit
     time_budget: float = 0.0       # minutes of wall clock, 0 = no limit
     # evaluation, logging, checkpoints
@@ -91,7 +97,7 @@ class TrainConfig:
 
 
 RUN_LENGTH = ("max_steps", "max_tokens", "time_budget")    # may change when a run is resumed
-NOT_CONFIG = ("resume", "profile")
+NOT_CONFIG = ("resume", "profile", "overwrite")
 
 
 class Stop(Exception):
@@ -106,18 +112,43 @@ def fmt_time(seconds):
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
 
 
+def int_list(text, flag):
+    """"1,4,64" -> [1, 4, 64], or a ValueError naming the flag."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} takes positive integers separated by commas, like 1,4,64; got {text!r}")
+    return values
+
+
+def check_config(cfg):
+    """Reject settings that cannot run, with a message naming the flag (before any work is done)."""
+    for name in ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_tokens",
+                 "log_interval", "save_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.loss_frac is not None and not 0 < cfg.loss_frac <= 1:
+        raise ValueError(f"--loss-frac must be in (0, 1], got {cfg.loss_frac}")
+    int_list(cfg.dilations, "--dilations")
+    if cfg.curriculum:
+        int_list(cfg.curriculum, "--curriculum")
+    model_config(cfg)                         # d_model / conv_groups / head consistency
+
+
 def curriculum_len(cfg, progress):
     """Sequence length at this point of the run."""
     if not cfg.curriculum:
         return cfg.seq_len
-    lengths = [int(x) for x in cfg.curriculum.split(",")]
+    lengths = int_list(cfg.curriculum, "--curriculum")
     return lengths[min(int(progress * len(lengths)), len(lengths) - 1)]
 
 
 def model_config(cfg):
     return ModelConfig(head=cfg.head, hier_classes=cfg.hier_classes, d_model=cfg.d_model,
                        glu_hidden=cfg.glu_hidden, n_recursions=cfg.n_recursions,
-                       dilations=tuple(int(d) for d in cfg.dilations.split(",")),
+                       dilations=tuple(int_list(cfg.dilations, "--dilations")),
                        kernel_size=cfg.kernel_size, conv_groups=cfg.conv_groups,
                        ternary_scale=cfg.ternary_scale)
 
@@ -135,7 +166,8 @@ class Run:
         self.cfg = cfg
         self.out = cfg.out
         os.makedirs(self.out, exist_ok=True)
-        self.data = prepare(cfg.data, max_tokens=cfg.data_tokens, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        self.data = prepare(cfg.data, max_tokens=cfg.data_tokens, val_fraction=cfg.val_fraction,
+                            seed=cfg.data_seed)
         if len(self.data.val) < cfg.seq_len + 1:
             raise DataError(f"the validation split of {self.data.path} has {len(self.data.val)} tokens, "
                             f"fewer than one window of {cfg.seq_len + 1}: use more data or a larger --val-fraction")
@@ -147,7 +179,6 @@ class Run:
             self._load(resume_from)
         else:
             self._new_model()
-        self.model.workers = cfg.threads or self.model.workers
         muon_names, adam_names = split_params(self.model.params)
         self.muon = NorMuon({k: self.model.params[k] for k in muon_names}, lr=cfg.lr_muon)
         self.adam = AdamW({k: self.model.params[k] for k in adam_names}, lr=cfg.lr_adam,
@@ -197,12 +228,17 @@ class Run:
         }
 
     def save(self, name=LATEST, val_loss=None):
+        """latest.npz: everything needed to resume. best.npz: the weights that scored `val_loss`
+        (with --ema, the averaged ones) and the same state."""
         opt = {}
         for prefix, o in (("muon/", self.muon), ("adamw/", self.adam), ("ema/", self.ema)):
             if o is not None:
                 opt.update({prefix + k: v for k, v in o.state_dict().items()})
         cmap = self.model.hier.state() if self.model.hier is not None else None
-        save_checkpoint(os.path.join(self.out, name), self.model.params, self.meta(val_loss), opt, cmap)
+        params, meta = self.model.params, self.meta(val_loss)
+        if name == BEST and self.ema is not None:
+            params, meta["weights"] = self.ema.shadow, "ema"
+        save_checkpoint(os.path.join(self.out, name), params, meta, opt, cmap)
 
     def _load(self, path):
         from nanoternary.checkpoint import load_model
@@ -251,22 +287,15 @@ class Run:
         B = max(1, cfg.batch_size * cfg.seq_len // T)         # constant tokens per step
         train_embed = self.step >= self.freeze_steps
         loss_frac = cfg.loss_frac if cfg.loss_frac is not None else (0.25 if cfg.head == "full" else 1.0)
-        loss, grads = 0.0, None
-        for _ in range(cfg.grad_accum):
+        loss, grads = 0.0, {}
+        for _ in range(cfg.grad_accum):               # the mean over micro-batches
             x, y = get_batch(self.data.train, B, T, self.rng)
             l, g = model.loss_and_grads(x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
                                         loss_frac=loss_frac, train_embed=train_embed)
             if not math.isfinite(l):
                 raise Stop(f"step {self.step + 1}: the training loss is {l}")
             loss += l / cfg.grad_accum
-            if grads is None:
-                grads = g
-            else:
-                for k in grads:
-                    grads[k] += g[k]
-        if cfg.grad_accum > 1:
-            for k in grads:
-                grads[k] /= cfg.grad_accum
+            grads = g if cfg.grad_accum == 1 else accumulate(grads, g, 1.0 / cfg.grad_accum)
         norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else float("nan")
         if cfg.grad_clip and not math.isfinite(norm):
             raise Stop(f"step {self.step + 1}: the gradient norm is {norm}")
@@ -281,14 +310,21 @@ class Run:
         return loss, mult, norm
 
     def evaluate(self):
-        """Mean NLL (nats/token, no smoothing) over the fixed validation windows, and bits per byte."""
+        """Mean NLL (nats/token, no smoothing) over the fixed validation windows, and bits per byte:
+        the NLL in bits divided by the validation split's bytes per token (its UTF-8 text bytes over
+        its tokens, separators included), so the windows stand for the whole split."""
         def nll():
             return float(np.mean([self.model.loss(x, y) for x, y in self.val_set]))
-        if self.ema is not None:
-            with self.ema.swapped(self.model.params):
+        was_profiling = profile.enabled()
+        profile.enable(False)                          # --profile measures training steps only
+        try:
+            if self.ema is not None:
+                with self.ema.swapped(self.model.params):
+                    v = nll()
+            else:
                 v = nll()
-        else:
-            v = nll()
+        finally:
+            profile.enable(was_profiling)
         return v, v / math.log(2) / self.val_bytes_per_token
 
     def done(self):
@@ -299,23 +335,6 @@ class Run:
 
 # ------------------------------------------------------------------------------------ records
 
-def append_log(path, rec):
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def trim_log(path, step):
-    """On resume: keep only the records up to the checkpoint's step (written atomically)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
 def plot_losses(out):
     """loss.png from log.jsonl, if matplotlib is installed (an optional extra)."""
     try:
@@ -324,7 +343,7 @@ def plot_losses(out):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if line.strip()]
+    recs = runlog.read(os.path.join(out, "log.jsonl"))
     tr = [(r["elapsed"] / 60, r["train_loss"]) for r in recs if "train_loss" in r]
     va = [(r["elapsed"] / 60, r["val_loss"]) for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -337,26 +356,39 @@ def plot_losses(out):
     ax.legend()
     ax.grid(alpha=0.3)
     path = os.path.join(out, "loss.png")
-    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 
 # ------------------------------------------------------------------------------------ main
 
-def train(cfg, resume_from=None, show_profile=False):
+def prepare_out(cfg, resuming, overwrite):
+    """A new run must not mix with an old one's files: refuse, unless --overwrite removes them."""
+    os.makedirs(cfg.out, exist_ok=True)
+    old = [f for f in (LATEST, BEST, "log.jsonl", "loss.png") if os.path.exists(os.path.join(cfg.out, f))]
+    if resuming or not old:
+        return
+    if not overwrite:
+        raise CheckpointError(f"{cfg.out}/ already holds a run ({', '.join(old)}): continue it with "
+                              f"--resume, start over with --overwrite, or choose another --out")
+    for f in old:
+        os.remove(os.path.join(cfg.out, f))
+
+
+def train(cfg, resume_from=None, show_profile=False, overwrite=False):
+    prepare_out(cfg, resume_from is not None, overwrite)
+    set_threads(cfg.threads)
     run = Run(cfg, resume_from)
     model, log_path = run.model, os.path.join(cfg.out, "log.jsonl")
     if resume_from:
-        trim_log(log_path, run.step)
+        runlog.trim(log_path, run.step)
         print(f"resuming {resume_from} at step {run.step:,} ({run.tokens:,} tokens, {fmt_time(run.elapsed_before)})")
-    elif os.path.exists(log_path):
-        os.remove(log_path)                   # a new run in this folder starts a new log
     print(f"data: {run.data.meta['source']} | train {len(run.data.train):,} tokens | "
           f"val {len(run.data.val):,} tokens | {run.data.path}")
     print(f"model: {model.param_counts()['total']:,} parameters | head {model.cfg.head} | "
-          f"embedding {run.embed_source} (frozen for {run.freeze_steps} steps) | {model.workers} shard(s)")
+          f"embedding {run.embed_source} (frozen for {run.freeze_steps} steps) | {model.workers} thread(s)")
     print(f"run: batch {cfg.batch_size} x {cfg.seq_len} x accum {cfg.grad_accum} | "
           f"max {cfg.max_steps or '-'} steps, {cfg.max_tokens or '-'} tokens, "
           f"{str(cfg.time_budget) + ' min' if cfg.time_budget else '-'} | out {cfg.out}/")
@@ -383,19 +415,21 @@ def train(cfg, resume_from=None, show_profile=False):
             loss, mult, norm = run.train_step()
             step_time += time.time() - t_step
             steps_timed += 1
+            last = run.done()                  # decided once: the final step logs, evaluates, saves
             rec = None
-            if run.step % cfg.log_interval == 0 or run.step == 1 or run.done():
+            if run.step % cfg.log_interval == 0 or run.step == 1 or last:
                 ms = 1000 * step_time / steps_timed
                 tps = (run.tokens - tok_last) / max(step_time, 1e-9)
                 step_time, steps_timed, tok_last = 0.0, 0, run.tokens
                 p = run.progress()
                 eta = (run.elapsed() - run.elapsed_before) / (p - p0) * (1 - p) if p > p0 else 0
                 print(f"step {run.step:>5} | loss {loss:.3f} | lr {cfg.lr_adam * mult:.1e} | "
-                      f"{ms:,.0f} ms | {tps:,.0f} tok/s | eta {fmt_time(eta)}", flush=True)
+                      f"{ms:,.0f} ms | {tps:,.0f} tok/s | {fmt_time(run.elapsed())} | eta {fmt_time(eta)}",
+                      flush=True)
                 rec = {"step": run.step, "tokens": run.tokens, "train_loss": round(loss, 5),
                        "lr_mult": round(mult, 5), "grad_norm": round(norm, 4),
                        "tok_per_s": round(tps, 1), "elapsed": round(run.elapsed(), 2)}
-            if run.step % cfg.eval_interval == 0 or run.done():
+            if run.step % cfg.eval_interval == 0 or last:
                 last_val, bpb = run.evaluate()
                 print(f"step {run.step:>5} | val loss {last_val:.4f} | val bpb {bpb:.4f}", flush=True)
                 rec = rec or {"step": run.step, "tokens": run.tokens, "train_loss": round(loss, 5),
@@ -405,8 +439,8 @@ def train(cfg, resume_from=None, show_profile=False):
                     run.best_val = last_val
                     run.save(BEST, last_val)
             if rec:
-                append_log(log_path, rec)
-            if run.step % cfg.save_interval == 0 or run.done():
+                runlog.append(log_path, rec)
+            if run.step % cfg.save_interval == 0 or last:
                 run.save(LATEST, last_val)
                 if "val_loss" in (rec or {}):
                     plot_losses(cfg.out)
@@ -421,12 +455,13 @@ def train(cfg, resume_from=None, show_profile=False):
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        profile.enable(False)
     png = plot_losses(cfg.out)
     print(f"{status}: {run.step:,} steps, {run.tokens:,} tokens in {fmt_time(run.elapsed())} | "
           f"best val loss {run.best_val:.4f} | checkpoints {cfg.out}/{LATEST}, {cfg.out}/{BEST}"
           + (f" | curves {png}" if png else ""))
     if show_profile:
-        print("where the time went (share of CPU time):")
+        print("where the time went (share of the training steps' CPU time):")
         for k, v in profile.shares().items():
             print(f"  {k:<18} {100 * v:5.1f}%")
     return 0
@@ -482,7 +517,9 @@ def build_parser():
     g.add_argument("--freeze-embed-steps", type=int, default=d.freeze_embed_steps,
                    help="steps with a frozen embedding (-1: 1000 with GPT-2's, else 0)")
     g = ap.add_argument_group("run length (the first limit reached stops the run)")
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (0: no limit)")
+    g.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="optimizer steps, 0: no limit (default: 4000, or no limit with --time-budget "
+                        "or --max-tokens)")
     g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="training tokens (0: no limit)")
     g.add_argument("--time-budget", type=float, default=d.time_budget, help="minutes of wall clock (0: no limit)")
     g = ap.add_argument_group("evaluation, logging, checkpoints")
@@ -492,23 +529,29 @@ def build_parser():
     g.add_argument("--save-interval", type=int, default=d.save_interval, help="steps between checkpoints")
     g.add_argument("--out", default=d.out, help="run folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.npz")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
     g = ap.add_argument_group("machine")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds the data order, init and positions")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds the init, the batches and the positions")
+    g.add_argument("--data-seed", type=int, default=d.data_seed, help="seeds the train/validation split")
     g.add_argument("--threads", type=int, default=d.threads, help="batch shards in parallel (0: one per core)")
     g.add_argument("--profile", action="store_true", help="print each component's share of the step time")
     return ap
 
 
 def config_from_args(argv=None):
-    """-> (TrainConfig, resume path or None, profile flag). On --resume the saved config is used,
-    with only the run-length flags allowed to change."""
+    """-> (TrainConfig, resume path or None, profile flag, overwrite flag). On --resume the saved
+    config is used, with only the run-length flags (and --threads) allowed to change."""
     ap = build_parser()
     args = ap.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
-    explicit = {a.dest for a in ap._actions if any(s in (argv if argv is not None else sys.argv[1:])
-                                                   for s in a.option_strings)}
+    ap.set_defaults(**{k: argparse.SUPPRESS for k in vars(args)})   # parse again: only the flags
+    explicit = set(vars(ap.parse_args(argv)))                        # given on the command line
     if not args.resume:
-        return TrainConfig(**given), None, args.profile
+        if given["max_steps"] is None:
+            given["max_steps"] = 0 if (given["time_budget"] or given["max_tokens"]) else 4000
+        cfg = TrainConfig(**given)
+        check_config(cfg)
+        return cfg, None, args.profile, args.overwrite
     path = os.path.join(args.out, LATEST)
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint {path} to resume; start the run without --resume")
@@ -522,16 +565,21 @@ def config_from_args(argv=None):
                                   f"{saved.get(k)}, not {given[k]}; to change it, start a new run "
                                   f"in another --out folder")
     saved["out"] = args.out
-    return TrainConfig(**saved), path, args.profile
+    if saved["max_steps"] is None:
+        saved["max_steps"] = 0
+    return TrainConfig(**saved), path, args.profile, False
 
 
 def main(argv=None):
     try:
-        cfg, resume, show_profile = config_from_args(argv)
-        return train(cfg, resume, show_profile)
-    except (DataError, CheckpointError) as e:
+        cfg, resume, show_profile, overwrite = config_from_args(argv)
+        return train(cfg, resume, show_profile, overwrite)
+    except (DataError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import numpy as np
 from . import profile
 from .model import Model, ModelConfig
 from .optim import AdamW
+from .parallel import set_threads
 
 CONFIGS = {
     "full": dict(head="full", loss_frac=1.0, train_embed=True),
@@ -56,9 +57,8 @@ def peak_rss_mb():
 def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_len=256, steps=5,
                warmup=2, seed=0, threads=None):
     """Time training steps of the reference model: one JSON-able dict."""
+    set_threads(threads)
     model = Model(ModelConfig(head=head), seed=seed)
-    if threads:
-        model.workers = threads
     rng = np.random.default_rng(seed)
     idx = zipf_tokens(rng, (batch_size, seq_len))
     tgt = zipf_tokens(rng, (batch_size, seq_len))

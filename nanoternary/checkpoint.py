@@ -10,8 +10,8 @@ Inside the file (np.savez, no pickle):
 A run folder holds `latest.npz` (every save) and `best.npz` (best validation loss so far).
 `Model.load(path)` takes either file or the folder (then `latest.npz`).
 
-Writes go to `<name>.tmp` first, are flushed to disk, then renamed over the old file: a crash or a
-full disk in the middle leaves the previous checkpoint as it was. On load, the zip's CRC checks
+Writes go to a temporary file first, are flushed to disk, then renamed over the old file (fileio.py):
+a crash or a full disk in the middle leaves the previous checkpoint as it was. On load, the zip's CRC checks
 catch a truncated or corrupted file, and the config is checked against the arrays, so a damaged
 or foreign file gives a CheckpointError that says what is wrong instead of a model with garbage.
 """
@@ -20,6 +20,8 @@ import os
 import zipfile
 
 import numpy as np
+
+from .fileio import atomic_open
 
 FORMAT = "nanoternary-checkpoint-1"
 LATEST, BEST = "latest.npz", "best.npz"
@@ -38,12 +40,8 @@ def save_checkpoint(path, params, meta, opt_state=None, class_map=None):
         arrays[f"cmap/{k}"] = np.asarray(v)
     meta = {"format": FORMAT, **meta}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:                    # a full disk, Ctrl-C: the old file stays as it was
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def resolve(path):
@@ -103,14 +101,29 @@ def load_model(path, dtype=None):
     check_params(params, param_shapes(cfg), resolve(path))
     dtype = np.dtype(dtype) if dtype is not None else next(iter(params.values())).dtype
     class_map = None
-    if cfg.head == "hier" and cmap_state:
-        from .ops.hier_head import ClassMap
-        class_map = ClassMap.from_state(cmap_state)
+    if cfg.head == "hier":
+        class_map = check_class_map(cmap_state, cfg, params["head.class_w"].shape[0], resolve(path))
     model = Model(cfg, seed=0, dtype=dtype, class_map=class_map)
     for k, v in params.items():
         model.params[k] = np.ascontiguousarray(v, dtype=dtype)
     model.meta = meta
     return model
+
+
+def check_class_map(state, cfg, n_classes, where):
+    """The hier head's class map from a checkpoint, checked against the model it belongs to."""
+    from .ops.hier_head import ClassMap
+    if "token_class" not in state:
+        raise CheckpointError(f"{where}: a hier-head checkpoint without its class map (cmap/token_class)")
+    tc = state["token_class"]
+    if tc.shape != (cfg.vocab_size,) or tc.min() < 0 or tc.max() >= n_classes:
+        raise CheckpointError(f"{where}: its class map does not fit the model ({tc.shape[0]} tokens, "
+                              f"classes {tc.min()}..{tc.max()}; the model has {cfg.vocab_size} tokens and "
+                              f"{n_classes} classes)")
+    try:
+        return ClassMap.from_state(state)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: its class map is invalid ({e})") from None
 
 
 def check_params(params, shapes, where):

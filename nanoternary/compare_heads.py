@@ -20,14 +20,11 @@ import os
 import subprocess
 import sys
 
+from . import runlog
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(os.path.dirname(HERE), "train.py")
 PEER = os.path.join(os.path.dirname(HERE), "..", "shared", "peers", "torch_train_peer.py")
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def val_curve(records):
@@ -37,10 +34,10 @@ def val_curve(records):
 def run_ours(head, args, extra):
     out = os.path.join(args.out, head)
     cmd = [sys.executable, TRAIN, "--head", head, "--time-budget", str(args.minutes), "--max-steps", "0",
-           "--out", out, "--seed", str(args.seed)] + sum((["--data", d] for d in args.data or []), []) + extra
+           "--out", out, "--overwrite", "--seed", str(args.seed)] + sum((["--data", d] for d in args.data or []), []) + extra
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return val_curve(read_log(os.path.join(out, "log.jsonl")))
+    return val_curve(runlog.read(os.path.join(out, "log.jsonl")))
 
 
 def run_peer(args):
@@ -49,7 +46,7 @@ def run_peer(args):
            "--seed", str(args.seed)]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return val_curve(read_log(out))
+    return val_curve(runlog.read(out))
 
 
 def plot(curves, path):
@@ -106,7 +103,10 @@ def main(argv=None):
     print(f"\nequal wall clock, {args.minutes:g} minutes each:")
     for name, s in summary.items():
         if isinstance(s, dict):
-            print(f"  {name:<36} final val loss {s['final_val_loss']:.4f}   best {s['best_val_loss']:.4f}")
+            if s["final_val_loss"] is None:
+                print(f"  {name:<36} no validation loss logged")
+            else:
+                print(f"  {name:<36} final val loss {s['final_val_loss']:.4f}   best {s['best_val_loss']:.4f}")
     if png:
         print(f"plot: {png}")
 

@@ -70,6 +70,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanoternary.fileio import atomic_path
 from nanoternary.tokenizer import get_encoding, vocab_hash
 
 FORMAT_VERSION = 1               # bump when the cache layout or the tokenization rules change
@@ -246,15 +247,10 @@ def _call_with_timeout(fn, seconds):
 
 
 def _write_atomic(path, write):
-    """write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    """write(tmp_path), then rename tmp_path to path (fileio.atomic_path): readers never see a
+    half-written file."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_json(path, obj):

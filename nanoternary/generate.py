@@ -100,6 +100,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checkpoint import CheckpointError, check_params, load_checkpoint, load_model, resolve
+from .fileio import atomic_open
 from .model import TERNARY, Model, ModelConfig, param_shapes
 from .ops.conv import conv1d_forward
 from .ops.gates import relu2_glu_forward, sigmoid_gate_forward
@@ -109,7 +110,7 @@ from .ops.ternary import addsub_plan, ternary_linear_forward
 from .pack import SCHEMES, bits_per_weight, pack, unpack
 from .sampling import sample_token
 
-EOT = 50256                          # GPT-2's <|endoftext|>: the start token of an empty prompt
+from .tokenizer import EOT          # GPT-2's <|endoftext|>: the start token of an empty prompt
 PACKED_FORMAT = "nanoternary-packed-1"
 KERNELS = ("addsub", "blas")
 ADDSUB_CHUNK = 1 << 20               # prompt pass, "addsub": at most this many gathered values at once
@@ -307,12 +308,8 @@ def save_packed(w, path, scheme="2bit", embed_fp16=False):
                                       if k in w.meta}},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:                   # atomic, as checkpoint.save_checkpoint
+    with atomic_open(path) as f:                 # atomic, as checkpoint.save_checkpoint
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     float_bytes = sum(v.nbytes for v in w.params.values()) + n_weights * w.dtype.itemsize
     return {
         "path": path,
@@ -364,10 +361,8 @@ def load_packed(path, dtype=None):
     params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in groups["param"].items()}
     class_map = None
     if cfg.head == "hier":
-        from .model import n_hier_classes
-        from .ops.hier_head import ClassMap
-        class_map = (ClassMap.from_state(groups["cmap"]) if groups["cmap"]
-                     else ClassMap.default(cfg.vocab_size, n_hier_classes(cfg)))
+        from .checkpoint import check_class_map
+        class_map = check_class_map(groups["cmap"], cfg, params["head.class_w"].shape[0], path)
     return InferenceWeights(cfg, params, ternary, class_map, meta, "packed", path)
 
 

@@ -34,11 +34,12 @@ import math
 import os
 import socket
 import struct
-import tempfile
 import threading
 import urllib.parse
 
 import numpy as np
+
+from .fileio import atomic_open
 
 GPT2_PATH = "openai-community/gpt2/model.safetensors"  # HfFileSystem path: repo id + file
 WTE_NAMES = ("wte.weight", "transformer.wte.weight")     # GPT-2's file says the first; HF's
@@ -220,18 +221,10 @@ def _load_cache(path, vocab_size, d_model, verbose):
 
 
 def _save_atomic(path, write):
-    """Write through a temporary file in the same folder, then rename over `path`: a crash or a
-    full disk leaves either the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """write(f) through fileio.atomic_open: a crash or a full disk leaves either the old file or the
+    new one, never half of one."""
+    with atomic_open(path) as f:
+        write(f)
 
 
 def load_gpt2_embedding(d_model, cache_dir="data", fs=None, verbose=True, target_std=None,

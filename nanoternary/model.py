@@ -12,9 +12,11 @@
     h = RMSNorm(x)
     loss = cross-entropy(h @ E^T, targets)            full 50,257-way softmax (or the hier head)
 
-`Model.forward_hidden` is that list of op calls; `Model._backward_hidden` is the same list reversed,
-line for line. Parameters and their gradients are flat dicts with the same keys, e.g.
-"block.mix.conv0.gate.w"; see `param_shapes` for all of them. Usage (see ../shared/DESIGN.md):
+`Model.forward_hidden` is that list of op calls up to the final RMSNorm (`_block_forward` one
+application of the block); `Model._backward_hidden` and `_block_backward` are the same lists reversed,
+line for line. `loss_and_grads` puts them together with the head and the embedding's backward, and
+spreads the work over the cores. Parameters and their gradients are flat dicts with the same keys,
+e.g. "block.mix.conv0.gate.w"; see `param_shapes` for all of them. Usage (see ../shared/DESIGN.md):
 
     model = Model(ModelConfig(), seed=0)              # float32; dtype=np.float64 for grad checks
     loss, grads = model.loss_and_grads(idx, targets)  # idx, targets (B, T) ints
@@ -129,7 +131,9 @@ def init_params(cfg, rng, dtype=np.float32):
 
 
 class Model:
-    """Parameters in `self.params` (name -> array); every method below is a pure function of them."""
+    """Parameters in `self.params` (name -> array). The methods compute from them and never store
+    gradients; the model's own generator `self.rng` draws the initial weights and, unless a
+    generator is passed, the positions counted by loss_frac."""
 
     def __init__(self, cfg=None, seed=0, dtype=np.float32, class_map=None):
         self.cfg = cfg if cfg is not None else ModelConfig()
@@ -146,7 +150,7 @@ class Model:
     # ------------------------------------------------------------------ the forward, op by op
 
     def _quantized(self):
-        """Ternary weights, quantized once per forward and shared by both recursions."""
+        """Ternary weights, quantized once per forward (of each shard) and shared by both recursions."""
         q = {}
         for name in TERNARY:
             w = self.params[name]

@@ -1,12 +1,13 @@
 """Packed storage for ternary weights {-1, 0, +1}.
 
 A ternary weight carries log2(3) = 1.585 bits of information, yet NumPy's smallest integer,
-int8, spends 8 bits on it. This file stores ternary tensors compactly for generation-time
-checkpoints and for the add/subtract kernel, in two layouts ("schemes"):
+int8, spends 8 bits on it. This file stores ternary tensors compactly in generation-time
+checkpoints (`python -m nanoternary.generate export`), in two layouts ("schemes"):
 
   "2bit"   2 bits per weight, 4 weights per byte: one "plus" bit and one "minus" bit.
-           Unpacking is a shift and a mask, and the two bits ARE the masks the add/subtract
-           kernel needs (y = sum of x where plus - sum of x where minus).
+           Unpacking is a shift and a mask, and the two bits ARE the masks of the add/subtract
+           product (y = sum of x where plus - sum of x where minus; `masks_from_packed`). The
+           generator unpacks once at load and turns the masks into index lists (generate.py).
   "base3"  5 trits per byte, since 3^5 = 243 <= 256: 8/5 = 1.6 bits per weight, 99% of the
            log2(3) bound. Smaller, but unpacking needs a division (done once, as a table).
 

@@ -1,23 +1,28 @@
-"""Data parallelism inside one process: split the batch across the CPU's cores.
+"""Data parallelism inside one process: the work of a training step spread over the CPU's cores.
 
 NumPy runs elementwise operations (the norms, gates, softmax exps of this model) on ONE core, and
 BLAS runs each matrix product on all of them. On a 2-core machine that leaves half the machine idle
-for much of a training step. Instead, `Model.loss_and_grads` cuts the batch in two shards and runs
-each shard's forward and backward in its own thread, with BLAS at one thread per call, exactly like
-data-parallel training across two devices: each worker computes gradients of its shard's share of
-the loss, and the two gradients are summed. NumPy releases Python's GIL inside its loops and BLAS
-calls, so the two threads really run at the same time.
+for much of a training step. Instead, `Model.loss_and_grads` cuts the batch into one shard per core
+and runs each shard's forward, then the head (split by rows, or by classes for the hier head), then
+each shard's backward, each piece in its own thread with BLAS at one thread per call: data-parallel
+training across cores, as one would across devices. Each worker computes the gradient of its
+shard's share of the loss, and the shards' gradients are summed. NumPy releases Python's GIL inside
+its loops and BLAS calls, so the threads really run at the same time.
 
 That needs control of the BLAS thread count, which NumPy does not expose. NumPy's wheels bundle
 OpenBLAS, whose `openblas_set_num_threads` we call through ctypes (the library is found among the
 process's loaded libraries in /proc/self/maps). Where that is not possible (another BLAS, another
-OS), `blas_control()` is None and the model runs unsharded: same results, one core for elementwise.
+OS), `blas_control()` is None and everything runs in one thread: same results, one core for
+elementwise work. The thread count is process-wide: call these functions from one thread at a
+time (the training loop), and not from inside a task they run.
 """
 import contextlib
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+
+from . import profile
 
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
             "openblas_set_num_threads64_", "openblas_set_num_threads")
@@ -26,6 +31,7 @@ _GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads
 _control = None
 _lock = threading.Lock()
 _pool = None
+_threads = None          # set_threads(n); None: one per core
 
 
 def blas_control():
@@ -61,10 +67,17 @@ def available_cores():
         return os.cpu_count() or 1
 
 
+def set_threads(n):
+    """Use n worker threads from now on (None or 0: one per core). train.py --threads, bench --threads."""
+    global _threads
+    _threads = n or None
+
+
 def default_workers():
-    """Shards per batch: the cores we may use (NANOTERNARY_THREADS overrides), 1 without BLAS control."""
+    """Worker threads: set_threads(n), else NANOTERNARY_THREADS, else the cores we may use;
+    1 without BLAS control."""
     env = os.environ.get("NANOTERNARY_THREADS")
-    n = int(env) if env else available_cores()
+    n = _threads or (int(env) if env else available_cores())
     return max(1, n) if blas_control() is not None else 1
 
 
@@ -89,8 +102,25 @@ def blas_threads(n):
 def _get_pool(n):
     global _pool
     if _pool is None or _pool._max_workers < n:
+        if _pool is not None:
+            _pool.shutdown(wait=True)     # its threads, and their per-thread buffers, go away
         _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nanoternary")
     return _pool
+
+
+def _run(fn, arg_lists):
+    """fn(*args) for each args in the pool; all of them finish before this returns or raises."""
+    name = profile.current()              # workers' time outside their own sections counts here
+    task = (lambda *a: _in_section(name, fn, a)) if name else fn
+    with profile.section(None):           # the caller only waits: that is no CPU work
+        futures = [_get_pool(len(arg_lists)).submit(task, *a) for a in arg_lists]
+        wait(futures)
+    return [f.result() for f in futures]  # re-raises a worker's exception, after all have finished
+
+
+def _in_section(name, fn, args):
+    with profile.section(name):
+        return fn(*args)
 
 
 def run_shards(fn, shards):
@@ -98,8 +128,7 @@ def run_shards(fn, shards):
     if len(shards) == 1:
         return [fn(*shards[0])]
     with blas_threads(1):
-        futures = [_get_pool(len(shards)).submit(fn, *s) for s in shards]
-        return [f.result() for f in futures]
+        return _run(fn, shards)
 
 
 def parallel_ranges(fn, n, min_size=1 << 20):
@@ -110,9 +139,7 @@ def parallel_ranges(fn, n, min_size=1 << 20):
         fn(0, n)
         return
     bounds = [n * i // workers for i in range(workers + 1)]
-    futures = [_get_pool(workers).submit(fn, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    for f in futures:
-        f.result()
+    _run(fn, list(zip(bounds[:-1], bounds[1:])))
 
 
 def add_into(a, b):

@@ -9,9 +9,12 @@
     profile.enable(); ...run steps...; shares = profile.shares()   # name -> fraction of time
 
 Exclusive: time spent in a section nested inside another (a norm inside the GLU) counts for the
-inner one only, so the shares add up to 1. Timing is per thread and then summed, so with the batch
-split across cores (parallel.py) a share is a fraction of the CPU time of the step. Disabled (the
-default), a section costs one function call and a flag test.
+inner one only, so the shares add up to 1. Timing is per thread and then summed, so with the work
+spread over cores (parallel.py) a share is a fraction of the CPU time of the step: a worker thread
+charges its time to its own sections, or else to the section that started it, and the thread that
+waits for the workers charges nothing meanwhile (`section(None)`). A BLAS call that itself uses
+several threads (NorMuon's products, made outside the workers) counts once, as wall time.
+Disabled (the default), a section costs a function call, a context manager and a flag test.
 """
 import contextlib
 import functools
@@ -30,6 +33,10 @@ def enable(on=True):
     _enabled = on
 
 
+def enabled():
+    return _enabled
+
+
 def reset():
     with _lock:
         _times.clear()
@@ -46,13 +53,21 @@ def shares():
     return {k: v / total for k, v in sorted(t.items(), key=lambda kv: -kv[1])}
 
 
+def current():
+    """The innermost section of this thread, or None."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1][0] if _enabled and stack else None
+
+
 def _charge(name, now, start):
-    with _lock:
-        _times[name] += now - start
+    if name is not None:
+        with _lock:
+            _times[name] += now - start
 
 
 @contextlib.contextmanager
 def section(name):
+    """Charge the time inside to `name` (None: charge it to nothing)."""
     if not _enabled:
         yield
         return

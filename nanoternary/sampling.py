@@ -18,8 +18,9 @@ API:
     filter_logits(logits, temperature=1.0, top_k=None, top_p=None) -> (..., V) float64, -inf = banned
     sample_token(logits (V,), rng, temperature=1.0, top_k=None, top_p=None) -> int
     sample_tokens(logits (..., V), rng, ...) -> int64 array (...)          one token per row
-    sample_from_probs(probs (V,) or (N, V), rng) -> int or (N,) int64      any non-negative weights,
-        e.g. for a hierarchical head: c = sample_from_probs(p_class, rng), then a token within c
+    sample_from_probs(probs (V,) or (N, V), rng) -> int or (N,) int64      any non-negative weights
+(the hierarchical head's sampler in generate.py draws a class, then a token in it, each with
+sample_token on that level's logits)
 
 What it costs for V = 50,257: temperature alone is an exp and a cumulative sum over V. top-k
 never sorts: np.partition finds the k-th largest value in linear time. top-p needs the

@@ -320,3 +320,27 @@ def test_ema_weights(tmp_path):
     save_checkpoint(str(tmp_path / "plain.npz"), m.params, {"config": m.cfg.to_dict()})
     with pytest.raises(CheckpointError, match="no EMA"):
         load_weights(str(tmp_path / "plain.npz"), ema=True)
+
+
+def test_addsub_matvec_uses_only_additions_and_subtractions():
+    """Every ufunc the generation-time kernel applies: negation (x -> -x, a subtraction from 0) and
+    additions. The gather (np.take) moves values and computes nothing."""
+    calls = []
+
+    class Spy(np.ndarray):
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            calls.append(ufunc.__name__)
+            inputs = [i.view(np.ndarray) if isinstance(i, Spy) else i for i in inputs]
+            if "out" in kwargs:
+                kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, Spy) else o for o in kwargs["out"])
+            return getattr(ufunc, method)(*inputs, **kwargs)
+
+    r = np.random.default_rng(3)
+    wt = np.sign(r.standard_normal((7, 12))) * (r.random((7, 12)) > 0.3)
+    wt[4] = 0                                            # an all-zero row
+    mv = AddSubMatvec(wt, 1.0, np.float64)
+    mv.xx, mv.vals, mv.y = mv.xx.view(Spy), mv.vals.view(Spy), mv.y.view(Spy)
+    x = r.standard_normal(12)
+    y = np.asarray(mv(x.view(Spy))).copy()
+    np.testing.assert_allclose(y, wt @ x, rtol=1e-12, atol=1e-12)
+    assert calls and set(calls) <= {"negative", "add"}, calls

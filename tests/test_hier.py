@@ -76,3 +76,33 @@ def test_hier_model_interface():
     assert abs(loss - m.loss(idx, tgt)) < 1e-12
     for name in ("head.class_w", "embed.w", "block.glu.down.w"):
         check_grad(name, grads[name], numerical_grad(lambda: m.loss(idx, tgt), m.params[name]))
+
+
+def test_hier_checkpoint_needs_a_matching_class_map(tmp_path):
+    from nanoternary.checkpoint import CheckpointError, save_checkpoint
+    cfg = ModelConfig(vocab_size=40, d_model=8, glu_hidden=12, dilations=(1, 2), kernel_size=2,
+                      conv_groups=2, head="hier", hier_classes=6)
+    m = Model(cfg, seed=0)
+    meta = {"config": cfg.to_dict()}
+    good = str(tmp_path / "good.npz")
+    save_checkpoint(good, m.params, meta, class_map=m.hier.state())
+    assert np.array_equal(Model.load(good).hier.token_class, m.hier.token_class)
+    missing = str(tmp_path / "missing.npz")
+    save_checkpoint(missing, m.params, meta)
+    with pytest.raises(CheckpointError, match="class map"):
+        Model.load(missing)
+    wrong = str(tmp_path / "wrong.npz")
+    save_checkpoint(wrong, m.params, meta, class_map={"token_class": np.arange(40) % 9})
+    with pytest.raises(CheckpointError, match="class map does not fit"):
+        Model.load(wrong)
+
+
+def test_bench_prints_one_json_object():
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "nanoternary.bench", "--head", "hier", "--batch-size", "2",
+                          "--seq-len", "32", "--steps", "1", "--json"], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert r["tokens_per_s"] > 0 and r["head"] == "hier"
+    assert abs(sum(r["shares"].values()) - 1.0) < 0.01 and "glu" in r["shares"]

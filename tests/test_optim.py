@@ -334,3 +334,12 @@ def test_state_dict_round_trip_gives_identical_steps(tmp_path):
         AdamW({"other.w": np.zeros((2, 2))}).load_state_dict(oc[1].state_dict())
     with pytest.raises(KeyError, match="unexpected"):
         AdamW({"norm_f.g": pc["norm_f.g"]}).load_state_dict(oc[1].state_dict())
+
+
+def test_cosine_frac_endpoints_and_warmup():
+    from nanoternary.optim import cosine_frac
+    assert cosine_frac(0.0, 0, warmup=10) == pytest.approx(0.1)            # (0+1)/10 * 1
+    assert cosine_frac(0.0, 50, warmup=10) == pytest.approx(1.0)
+    assert cosine_frac(0.5, 50, warmup=10) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine_frac(1.0, 50, warmup=10) == pytest.approx(0.1)
+    assert cosine_frac(2.0, 50, warmup=10, min_ratio=0.0) == pytest.approx(0.0)

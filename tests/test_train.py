@@ -154,3 +154,52 @@ def test_time_budget_and_token_limit(corpus):
     log = read_log("u")
     assert 3.0 <= log[-1]["elapsed"] < 3.0 + 20
     assert "val_loss" in log[-1]
+
+
+def test_time_budget_alone_has_no_step_limit():
+    cfg, *_ = train.config_from_args(["--time-budget", "30"])
+    assert cfg.max_steps == 0 and cfg.time_budget == 30
+    cfg, *_ = train.config_from_args([])
+    assert cfg.max_steps == 4000                                    # the reference's length
+
+
+def test_bad_flags_get_one_line(corpus, capsys):
+    for flags, words in ((["--dilations", "1,x"], "--dilations"), (["--eval-interval", "0"], "--eval-interval"),
+                         (["--d-model", "30", "--conv-groups", "16"], "divisible"),
+                         (["--loss-frac", "1.5"], "--loss-frac")):
+        assert train.main(["--data", corpus, "--out", "bad"] + TINY + flags) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and words in err and "Traceback" not in err, err
+
+
+def test_new_run_does_not_mix_with_an_old_one(corpus, capsys):
+    assert train.main(["--data", corpus, "--out", "o", "--max-steps", "2"] + TINY) == 0
+    assert train.main(["--data", corpus, "--out", "o", "--max-steps", "2"] + TINY) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert train.main(["--data", corpus, "--out", "o", "--max-steps", "3", "--overwrite"] + TINY) == 0
+    assert [r["step"] for r in read_log("o")] == [1, 2, 3]
+
+
+def test_resume_takes_flags_with_equals_and_survives_a_cut_log_line(corpus):
+    assert train.main(["--data", corpus, "--out", "e", "--max-steps", "3"] + TINY) == 0
+    with open(os.path.join("e", "log.jsonl"), "a") as f:
+        f.write('{"step": 4, "tokens": 5')                          # a line cut short by a crash
+    assert train.main(["--data", corpus, "--out", "e", "--resume", "--max-steps=5"] + TINY) == 0
+    assert [r["step"] for r in read_log("e")] == [1, 2, 3, 4, 5]
+
+
+def test_curriculum_keeps_tokens_per_step(corpus):
+    assert train.main(["--data", corpus, "--out", "c", "--max-steps", "4", "--curriculum", "16,32"] + TINY) == 0
+    log = read_log("c")
+    assert [r["tokens"] for r in log] == [128 * s for s in range(1, 5)]   # batch 4 x 32 = 8 x 16
+
+
+def test_compare_heads_runs_both_heads(corpus, tmp_path):
+    from nanoternary import compare_heads
+    compare_heads.main(["--data", corpus, "--minutes", "0.04", "--out", str(tmp_path / "cmp"), "--"]
+                       + TINY + ["--eval-interval", "1000"])
+    summary = json.load(open(tmp_path / "cmp" / "summary.json"))
+    for head in ("full", "hier"):
+        s = summary[f"nanoternary, {head} head"]
+        assert s["final_val_loss"] is not None and 0 < s["final_val_loss"] < 12

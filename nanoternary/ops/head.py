@@ -23,8 +23,9 @@ Why fused and chunked: the (N, V) logits for a batch of 8 x 256 rows are 2048 * 
 = 412 MB in float32, and the probabilities and their gradient would be as big again. The backward
 needs p, so instead of storing it we compute, for `chunk` rows at a time, the logits and then, in
 place in the same buffer, their exponentials, and immediately the chunk's share of dh and dE.
-Memory is O(chunk * V): 1024 rows -> 206 MB, whatever N is; the loss, dh and dE come out of one
-pass over the rows.
+Memory is O(chunk * V): 1024 rows -> 206 MB per thread (the buffer is
+kept between calls, see _scratch), whatever N is, plus one (V, C) buffer for the dE of later chunks;
+the loss, dh and dE come out of one pass over the rows.
 
 Every pass over that (chunk, V) buffer costs about as much as a tenth of a GEMM, so the code makes
 as few as it can: the GEMM that writes the logits, exp in place, a row sum, and the two backward

@@ -232,17 +232,3 @@ def hier_log_probs(h, E, Wc, cmap):
         _, lse_b = _softmax_rows(Bl.copy())
         out[:, toks] = logp_class[:, c:c + 1] + Bl - lse_b[:, None].astype(Bl.dtype)
     return out
-
-
-def hier_class_log_probs(h, Wc):
-    # h (N,C) -> (N, n_classes) log P(class | h): the first draw when sampling
-    A = h @ Wc.T
-    _, lse = _softmax_rows(A.copy())
-    return A - lse[:, None].astype(A.dtype)
-
-
-def hier_token_log_probs(h, E, cmap, c):
-    # h (N,C), class c -> (N, |S_c|) log P(token | c, h) over the tokens cmap.members(c)
-    Bl = h @ E[cmap.members(c)].T
-    _, lse = _softmax_rows(Bl.copy())
-    return Bl - lse[:, None].astype(Bl.dtype)
