@@ -544,8 +544,10 @@ def config_from_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
-    ap.set_defaults(**{k: argparse.SUPPRESS for k in vars(args)})   # parse again: only the flags
-    explicit = set(vars(ap.parse_args(argv)))                        # given on the command line
+    bare = build_parser()                         # parse again without defaults: the flags given
+    for action in bare._actions:                  # on the command line, however they were spelled
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(bare.parse_args(argv)))
     if not args.resume:
         if given["max_steps"] is None:
             given["max_steps"] = 0 if (given["time_budget"] or given["max_tokens"]) else 4000
