@@ -14,12 +14,15 @@ token ids drawn from a Zipf law (so the hierarchical head sees realistic class s
     core        the ternary core alone: embedding frozen, loss on 0.4% of positions (the peer's
                 `--frac 0.004 --freeze-emb`)
 
-and two bounds measured in the same run: `gemm bound`, the three plain matrix products of the full
-head's shapes ((N,C)@(C,V), (N,V)@(V,C), (V,N)@(N,C)) with all BLAS threads, and the fused head
-alone (head_s), whose ratio to the bound is the head's efficiency. Each configuration runs in its
-own process so its peak memory (peak_rss_mb) is its own.
+and, in the same run, the fused full head alone (head_s) against the bound set by its three GEMMs:
+the plain matrix products of the same shapes ((N,C)@(C,V), (N,V)@(V,C), (V,N)@(N,C)), timed both
+with all BLAS threads and split by rows across threads as the head is; the faster of the two is
+the bound, and bound / head_s the head's efficiency. Each configuration runs in its own process so
+its peak memory (peak_rss_mb) is its own.
 
-These machines are shared and noisy: compare figures measured side by side, as ratios.
+With --peer, the PyTorch peer's full step and core step run in turn with ours, --rounds times, and
+the ratios are taken round by round: these machines are shared and noisy (the same command can
+vary by 30% from one minute to the next), so only figures measured side by side compare.
 """
 import argparse
 import json
@@ -93,7 +96,7 @@ def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_l
     }
 
 
-def bench_head(batch_size=8, seq_len=256, repeat=3, seed=0):
+def bench_head(batch_size=8, seq_len=256, repeat=5, seed=0):
     """The full head alone (fused, sharded as in training) against its three GEMMs."""
     from .ops.head import softmax_ce_fused
     from .parallel import run_shards
@@ -111,34 +114,59 @@ def bench_head(batch_size=8, seq_len=256, repeat=3, seed=0):
     L = np.empty((N, E.shape[0]), dtype=np.float32)
     dh, dE = np.empty_like(h), np.empty_like(E)
 
-    def gemms():                               # the same three products, nothing else
-        np.matmul(h, E.T, out=L)
+    def gemms():                               # the same three products, nothing else,
+        np.matmul(h, E.T, out=L)               # each with all BLAS threads
         np.matmul(L, E, out=dh)
         np.matmul(L.T, h, out=dE)
 
-    def best(f):
-        f()
-        ts = []
-        for _ in range(repeat):
+    def gemms_sharded():                       # or split by rows across threads, as the head is
+        def piece(a, b):
+            La = h[a:b] @ E.T
+            La @ E
+            La.T @ h[a:b]
+        run_shards(piece, shards)
+
+    fs = [gemms, gemms_sharded, head]
+    ts = [[] for _ in fs]
+    for f in fs:
+        f()                                    # warm up
+    for _ in range(repeat):                    # in turn, so a drift of the machine hits all three
+        for f, t in zip(fs, ts):
             t0 = time.perf_counter()
             f()
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
-
-    g, hd = best(gemms), best(head)
-    return {"gemm_bound_s": round(g, 4), "head_s": round(hd, 4), "head_efficiency": round(g / hd, 3),
+            t.append(time.perf_counter() - t0)
+    g1, g2, hd = (min(t) for t in ts)
+    g = min(g1, g2)                            # the bound: the faster way to run the three GEMMs
+    return {"gemm_bound_s": round(g, 4), "gemm_blas_threads_s": round(g1, 4), "gemm_sharded_s": round(g2, 4),
+            "head_s": round(hd, 4), "head_efficiency": round(g / hd, 3),
             "gemm_gflops": round(3 * 2 * N * C * E.shape[0] / g / 1e9, 1)}
 
 
-def run_peer(python, script, batch_size, seq_len):
-    """tokens/s of the PyTorch peer, full head and core only, parsed from its output."""
+def run_peer(python, script, batch_size, seq_len, name):
+    """tokens/s of the PyTorch peer, "full" head or "core" only, parsed from its output."""
+    extra = {"full": [], "core": ["--frac", "0.004", "--freeze-emb"]}[name]
+    cmd = [python, script, "--B", str(batch_size), "--T", str(seq_len)] + extra
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"peer failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
+    return float(res.stdout.strip().split()[-1])
+
+
+def peer_rounds(python, script, common, batch_size, seq_len, rounds):
+    """Ours and the peer in turn, `rounds` times, for the full head and the core: per-round ratios
+    hold even when the machine's speed drifts between rounds."""
     out = {}
-    for name, extra in (("full", []), ("core", ["--frac", "0.004", "--freeze-emb"])):
-        cmd = [python, script, "--B", str(batch_size), "--T", str(seq_len)] + extra
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"peer failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
-        out[name] = float(res.stdout.strip().split()[-1])
+    for name in ("full", "core"):
+        ours_args = ["--head", "full"] + common + (["--loss-frac", "0.004", "--freeze-embed"] if name == "core" else [])
+        pairs = []
+        for r in range(rounds):
+            print(f"bench: round {r + 1}/{rounds}: {name}, PyTorch peer then ours ...", file=sys.stderr, flush=True)
+            p = run_peer(python, script, batch_size, seq_len, name)
+            o = _subprocess_json(ours_args)["tokens_per_s"]
+            pairs.append((p, o))
+        ratios = sorted(o / p for p, o in pairs)
+        out[name] = {"peer_tokens_per_s": [p for p, _ in pairs], "ours_tokens_per_s": [o for _, o in pairs],
+                     "ratios": [round(o / p, 3) for p, o in pairs], "median_ratio": round(ratios[len(ratios) // 2], 3)}
     return out
 
 
@@ -162,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="batch shards (default: one per core)")
     ap.add_argument("--gemm-bound", action="store_true", help="only the full head against its 3 GEMMs")
     ap.add_argument("--peer", metavar="PYTHON", help="also run the PyTorch peer with this python")
+    ap.add_argument("--rounds", type=int, default=3, help="peer and ours in turn, this many times (default 3)")
     ap.add_argument("--peer-script", default=os.path.join("..", "shared", "peers", "torch_flashlm_v3.py"),
                     help="the peer's benchmark script (default ../shared/peers/torch_flashlm_v3.py)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -190,8 +219,7 @@ def main(argv=None):
     bound = _subprocess_json(["--gemm-bound", "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)])
     peer = None
     if a.peer:
-        print("bench: PyTorch peer ...", file=sys.stderr, flush=True)
-        peer = run_peer(a.peer, a.peer_script, a.batch_size, a.seq_len)
+        peer = peer_rounds(a.peer, a.peer_script, common, a.batch_size, a.seq_len, a.rounds)
     if a.json:
         print(json.dumps({"runs": dict(runs), "head_vs_gemms": bound, "peer_tokens_per_s": peer}))
     else:
@@ -208,12 +236,13 @@ def _table(runs, bound=None, peer=None):
                      + "  ".join(f"{100 * sh.get(n, 0.0):>7.1f}%" for n in names) + f"  {100 * other:.1f}%")
     if bound:
         lines.append(f"full head alone {bound['head_s']:.3f} s vs its 3 GEMMs {bound['gemm_bound_s']:.3f} s "
-                     f"({bound['gemm_gflops']:.0f} GFLOP/s): {100 * bound['head_efficiency']:.0f}% of the bound")
+                     f"({bound['gemm_gflops']:.0f} GFLOP/s; {bound['gemm_blas_threads_s']:.3f} s with BLAS threads, "
+                     f"{bound['gemm_sharded_s']:.3f} s split by rows): {100 * bound['head_efficiency']:.0f}% of the bound")
     if peer:
-        ours = dict(runs)
-        lines.append(f"PyTorch peer: full {peer['full']:,.0f} tok/s, core {peer['core']:,.0f} tok/s; "
-                     f"ours/peer: full {ours['full']['tokens_per_s'] / peer['full']:.2f}x, "
-                     f"core {ours['core']['tokens_per_s'] / peer['core']:.2f}x")
+        for name, p in peer.items():
+            lines.append(f"{name:<5} PyTorch peer {', '.join(f'{x:,.0f}' for x in p['peer_tokens_per_s'])} tok/s | "
+                         f"ours {', '.join(f'{x:,.0f}' for x in p['ours_tokens_per_s'])} tok/s | "
+                         f"ours/peer by round {', '.join(f'{x:.2f}' for x in p['ratios'])} (median {p['median_ratio']:.2f}x)")
     return "\n".join(lines)
 
 
