@@ -456,10 +456,11 @@ def train(cfg, resume_from=None, show_profile=False, overwrite=False):
         for s, h in old_handlers.items():
             signal.signal(s, h)
         profile.enable(False)
-    png = plot_losses(cfg.out)
-    print(f"{status}: {run.step:,} steps, {run.tokens:,} tokens in {fmt_time(run.elapsed())} | "
-          f"best val loss {run.best_val:.4f} | checkpoints {cfg.out}/{LATEST}, {cfg.out}/{BEST}"
-          + (f" | curves {png}" if png else ""))
+    png = plot_losses(cfg.out) if os.path.exists(log_path) else None
+    saved = [f"{cfg.out}/{f}" for f in (LATEST, BEST) if os.path.exists(os.path.join(cfg.out, f))]
+    print(f"{status}: {run.step:,} steps, {run.tokens:,} tokens in {fmt_time(run.elapsed())}"
+          + (f" | best val loss {run.best_val:.4f}" if math.isfinite(run.best_val) else "")
+          + f" | checkpoints {', '.join(saved)}" + (f" | curves {png}" if png else ""))
     if show_profile:
         print("where the time went (share of the training steps' CPU time):")
         for k, v in profile.shares().items():
@@ -576,7 +577,7 @@ def main(argv=None):
     try:
         cfg, resume, show_profile, overwrite = config_from_args(argv)
         return train(cfg, resume, show_profile, overwrite)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, OSError) as e:    # OSError: e.g. --out is a file
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
