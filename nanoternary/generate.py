@@ -13,12 +13,11 @@
 sample.py (the command people run) is a thin layer over `Generator.generate` that prints each
 token as it comes (taking care of UTF-8 characters split across tokens).
 
-Measured on our 2-core VM (`python -m nanoternary.generate bench`: reference configuration,
-random weights, 64-token prompt, 200 new tokens, temperature 0.8, top-k 200), with the full
-50,257-way head: 190-255 tokens/s with kernel "addsub", 290-330 with "blas". The head's GEMV alone
-takes 1.4-1.5 ms of the 3-5 ms per token (a ceiling near 700 tokens/s), the block's two
-applications 1.2-1.4 ms (addsub) or 0.5-0.6 ms (blas). With `--head hier`: 560 and 1,370 tokens/s.
-The machine is shared with other work, so figures move by about 25% from run to run.
+Speed (`python -m nanoternary.generate bench`: reference configuration, random weights, 64-token
+prompt, 200 new tokens, temperature 0.8, top-k 200), full 50,257-way head, on our shared 2-core VM:
+125-255 tokens/s with kernel "addsub" and 164-330 with "blas", depending on the hour; the head's
+GEMV alone (51 MB of embedding read per token) takes 1.4-3.7 ms of that. With `--head hier`:
+about 310 (addsub) and 1,040 (blas) tokens/s. The README has the table.
 
 ## Why a new token costs the same whatever the context length
 
