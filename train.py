@@ -580,8 +580,8 @@ def main(argv=None):
     except (DataError, CheckpointError, ValueError, OSError) as e:    # OSError: e.g. --out is a file
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt:                  # before training started, or a second Ctrl-C
+        print("\ninterrupted: stopped at once; checkpoints already saved are intact", file=sys.stderr)
         return 130
 
 
