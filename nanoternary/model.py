@@ -318,8 +318,6 @@ class Model:
             r = None if rows is None else rows[(rows >= a) & (rows < b)] - a
             return softmax_ce_fused(h[a:b], E, targets[a:b], r, label_smoothing, z_loss,
                                     self.cfg.head_chunk, need_dE=train_embed, denom=denom)
-        if denom < 4 * self.cfg.d_model:               # a few rows: each piece would read all of E
-            pieces = [(0, h.shape[0])]                 # for little work; one piece, BLAS threads
         parts = run_shards(piece, pieces)
         loss = sum(p[0] for p in parts)
         dh = np.concatenate([p[1] for p in parts])
