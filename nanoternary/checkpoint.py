@@ -57,15 +57,23 @@ def resolve(path):
     return path
 
 
-def load_checkpoint(path):
-    """-> (params, meta, opt_state, class_map_state), each a dict; raises CheckpointError."""
-    path = resolve(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+def check_zip(path):
+    """np.load reads a file that is not a zip as a pickle and complains about pickles: say it plainly."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
     if magic != b"PK\x03\x04":
         raise CheckpointError(f"{path} is not a nanoternary checkpoint (not a .npz file: "
                               f"{'empty' if not magic else 'it starts with ' + repr(magic)}); "
                               "train one with `python train.py`")
+
+
+def read_npz(path):
+    """All arrays and the parsed JSON meta of a .npz checkpoint (a full one, or generate.py's packed
+    one), or a CheckpointError saying why not."""
+    check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}       # reading every member checks every CRC
@@ -79,6 +87,15 @@ def load_checkpoint(path):
         meta = json.loads(arrays.pop("meta").tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: its metadata is damaged ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is not a JSON object")
+    return arrays, meta
+
+
+def load_checkpoint(path):
+    """-> (params, meta, opt_state, class_map_state), each a dict; raises CheckpointError."""
+    path = resolve(path)
+    arrays, meta = read_npz(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
     groups = {"param": {}, "opt": {}, "cmap": {}}

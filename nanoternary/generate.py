@@ -98,7 +98,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import CheckpointError, check_params, load_checkpoint, load_model, resolve
+from .checkpoint import (CheckpointError, check_params, check_zip, load_checkpoint, load_model,
+                         read_npz, resolve)
 from .fileio import atomic_open
 from .model import TERNARY, Model, ModelConfig, param_shapes
 from .ops.conv import conv1d_forward
@@ -156,40 +157,9 @@ def weights_from_model(model):
                             "model", None)
 
 
-def _read_npz(path):
-    """All arrays and the parsed JSON meta of a .npz checkpoint, or a CheckpointError saying why not."""
-    _check_zip(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}          # reading every member checks every CRC
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise CheckpointError(f"{path} is not a readable nanoternary checkpoint ({type(e).__name__}: "
-                              f"{e}); it may be truncated or corrupt") from None
-    if "meta" not in arrays:
-        raise CheckpointError(f"{path} is a .npz file but not a nanoternary checkpoint (no 'meta' entry)")
-    try:
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: its metadata is damaged ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: its metadata is not a JSON object")
-    return arrays, meta
-
-
-def _check_zip(path):
-    # np.load reads a file that is not a zip as a pickle and complains about pickles: say it plainly
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if magic != b"PK\x03\x04":
-        raise CheckpointError(f"{path} is not a nanoternary checkpoint: not a .npz (zip) file")
-
-
 def _peek_kind(path):
     """"packed" or "full", reading only the meta member (a full checkpoint is validated by load_model)."""
-    _check_zip(path)
+    check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "meta" not in z.files:
@@ -325,7 +295,7 @@ def save_packed(w, path, scheme="2bit", embed_fp16=False):
 
 def load_packed(path, dtype=None):
     """InferenceWeights from a packed checkpoint (export_packed's), validated; CheckpointError if not."""
-    arrays, meta = _read_npz(path)
+    arrays, meta = read_npz(path)
     if meta.get("format") != PACKED_FORMAT or meta.get("kind") != "packed":
         raise CheckpointError(f"{path}: not a packed generation checkpoint (format {meta.get('format')!r})")
     try:

@@ -133,7 +133,30 @@ def split_params(params, adamw_prefixes=("embed", "head"), conv_to_normuon=False
 # AdamW
 
 
-class AdamW:
+class _MomentState:
+    """state_dict / load_state_dict shared by AdamW and NorMuon: per owned name a first moment m,
+    a second moment v and a step count t. The flat dict format:
+    {"kind": "AdamW" | "NorMuon", "m/<name>": array, "v/<name>": array, "t/<name>": int}.
+    Hyperparameters are not stored: they come from the run's config."""
+
+    def state_dict(self):
+        d = {"kind": self.kind}
+        for k in self.names:
+            d["m/" + k], d["v/" + k], d["t/" + k] = self.m[k].copy(), self.v[k].copy(), self.t[k]
+        return d
+
+    def load_state_dict(self, d, strict=True):
+        """Restore moments and step counts (copied, shapes checked). With strict, entries for
+        names this optimizer does not own are an error."""
+        expected = [f"{s}/{k}" for k in self.names for s in ("m", "v", "t")]
+        _check_state(self.kind, d, expected, strict)
+        for k in self.names:
+            _load_array(self.kind, "m/" + k, d["m/" + k], self.m[k])
+            _load_array(self.kind, "v/" + k, d["v/" + k], self.v[k])
+            self.t[k] = int(_num(d["t/" + k]))
+
+
+class AdamW(_MomentState):
     """AdamW with bias-corrected moments and decoupled weight decay, as torch.optim.AdamW.
 
     For each owned parameter p with gradient g, at its own step count t = 1, 2, ...:
@@ -211,23 +234,6 @@ class AdamW:
             tmp *= step_size
             p -= tmp
 
-    def state_dict(self):
-        """{"kind": "AdamW", "m/<name>": array, "v/<name>": array, "t/<name>": int} for each owned
-        name. Hyperparameters are not stored: they come from the run's config."""
-        d = {"kind": self.kind}
-        for k in self.names:
-            d["m/" + k], d["v/" + k], d["t/" + k] = self.m[k].copy(), self.v[k].copy(), self.t[k]
-        return d
-
-    def load_state_dict(self, d, strict=True):
-        """Restore the moments and step counts (copied, shapes checked). With strict, entries for
-        names this optimizer does not own are an error."""
-        expected = [f"{s}/{k}" for k in self.names for s in ("m", "v", "t")]
-        _check_state(self.kind, d, expected, strict)
-        for k in self.names:
-            _load_array(self.kind, "m/" + k, d["m/" + k], self.m[k])
-            _load_array(self.kind, "v/" + k, d["v/" + k], self.v[k])
-            self.t[k] = int(_num(d["t/" + k]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +271,7 @@ def newton_schulz5(G, steps=5, eps=1e-7):
     return X.T if transposed else X
 
 
-class NorMuon:
+class NorMuon(_MomentState):
     """NorMuon: orthogonalised momentum with a per-row second moment, for matrices.
 
     For each owned weight W (R, C) with gradient g (the peer's recipe, exactly):
@@ -328,23 +334,6 @@ class NorMuon:
             if self.weight_decay:
                 p *= 1.0 - lr * self.weight_decay
             p -= (lr * scale * O).reshape(p.shape).astype(p.dtype, copy=False)
-
-    def state_dict(self):
-        """{"kind": "NorMuon", "m/<name>": (R, C) momentum, "v/<name>": (R,) row moments,
-        "t/<name>": int}."""
-        d = {"kind": self.kind}
-        for k in self.names:
-            d["m/" + k], d["v/" + k], d["t/" + k] = self.m[k].copy(), self.v[k].copy(), self.t[k]
-        return d
-
-    def load_state_dict(self, d, strict=True):
-        """Restore momenta, row moments and step counts (copied, shapes checked); see AdamW."""
-        expected = [f"{s}/{k}" for k in self.names for s in ("m", "v", "t")]
-        _check_state(self.kind, d, expected, strict)
-        for k in self.names:
-            _load_array(self.kind, "m/" + k, d["m/" + k], self.m[k])
-            _load_array(self.kind, "v/" + k, d["v/" + k], self.v[k])
-            self.t[k] = int(_num(d["t/" + k]))
 
 
 # ----------------------------------------------------------------------------------------------
