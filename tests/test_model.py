@@ -168,3 +168,22 @@ def test_sharded_batch_equals_one_shard(head):
         np.testing.assert_allclose(nll, nll1, rtol=1e-12)
         for k in grads1:
             np.testing.assert_allclose(grads[k], grads1[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+@pytest.mark.parametrize("head", ["full", "hier"])
+def test_a_shard_with_no_counted_rows_and_a_frozen_embedding(head):
+    cfg = ModelConfig(**{**TINY, "head": head, "ternary": False})
+    m = Model(cfg, seed=0, dtype=np.float64)
+    idx, tgt = _batch(9, B=2, T=4)
+    out = {}
+    for workers in (1, 2):
+        m.workers = workers
+        # one counted position out of 8: with two shards, one of them has none
+        out[workers] = m.loss_and_grads(idx, tgt, loss_frac=0.125, rng=np.random.default_rng(3),
+                                        train_embed=False)
+    (l1, g1), (l2, g2) = out[1], out[2]
+    assert abs(l1 - l2) < 1e-12 and "embed.w" not in g1 and "embed.w" not in g2
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-13, err_msg=k)
+    f = lambda: m.loss_and_grads(idx, tgt, loss_frac=0.125, rng=np.random.default_rng(3))[0]
+    check_grad("block.glu.up.w", g1["block.glu.up.w"], numerical_grad(f, m.params["block.glu.up.w"]))
