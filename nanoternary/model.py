@@ -33,7 +33,7 @@ from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
 from .ops.gates import (relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward,
                         sigmoid_gate_forward)
-from .ops.head import log_softmax, softmax_ce_forward, softmax_ce_fused
+from .ops.head import log_softmax, max_row_norm, softmax_ce_forward, softmax_ce_fused
 from .ops.norm import rmsnorm_backward, rmsnorm_forward
 from .ops.ternary import (ternary_linear_backward, ternary_linear_forward, ternary_quantize,
                           ternary_ste_backward)
@@ -314,10 +314,12 @@ class Model:
                                               workers=self.workers)
             return loss, dh, {"head.class_w": dWc, **({"embed.w": dE} if train_embed else {})}
 
+        e_norm = max_row_norm(E) if denom > self.cfg.d_model else None   # for the shift-free softmax
+
         def piece(a, b):                               # the full head, split by rows
             r = None if rows is None else rows[(rows >= a) & (rows < b)] - a
             return softmax_ce_fused(h[a:b], E, targets[a:b], r, label_smoothing, z_loss,
-                                    self.cfg.head_chunk, need_dE=train_embed, denom=denom)
+                                    self.cfg.head_chunk, need_dE=train_embed, denom=denom, e_norm=e_norm)
         parts = run_shards(piece, pieces)
         loss = sum(p[0] for p in parts)
         dh = np.concatenate([p[1] for p in parts])

@@ -83,19 +83,25 @@ def _exp_inplace(L, bound=None):
     return m, s
 
 
-def _logit_bound(h, E):
+def max_row_norm(a):
+    # a (n,C) -> max_i ||a_i||
+    return float(np.sqrt(np.einsum("nc,nc->n", a, a).max(initial=0.0)))
+
+
+def _logit_bound(h, E, e_norm=None):
     # -> max over rows and tokens of |h_i . E_v| <= max_i ||h_i|| * max_v ||E_v||  (Cauchy-Schwarz)
-    return float(np.sqrt(np.einsum("nc,nc->n", h, h).max(initial=0.0)) *
-                 np.sqrt(np.einsum("vc,vc->v", E, E).max()))
+    # e_norm: max_v ||E_v|| if the caller has it (one pass over E per step, not one per piece)
+    return max_row_norm(h) * (max_row_norm(E) if e_norm is None else e_norm)
 
 
 def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
-                     chunk=DEFAULT_CHUNK, need_dE=True, denom=None):
+                     chunk=DEFAULT_CHUNK, need_dE=True, denom=None, e_norm=None):
     # h (N,C), E (V,C), targets (N,) int, rows (n,) int or None -> loss, dh (N,C), dE (V,C) or None
     """Loss (mean over the counted rows) and its gradients for h and for the tied E, in one pass.
 
     `denom` replaces the number of counted rows as the mean's denominator: a shard of a batch
-    passes the whole batch's count, so that the shards' losses and gradients simply add up."""
+    passes the whole batch's count, so that the shards' losses and gradients simply add up.
+    `e_norm`: max_v ||E_v||, computed by the caller once for all pieces (else here)."""
     N, C = h.shape
     V = E.shape[0]
     eps, z = float(label_smoothing), float(z_loss)
@@ -110,7 +116,7 @@ def softmax_ce_fused(h, E, targets, rows=None, label_smoothing=0.0, z_loss=0.0,
     buf = _scratch(min(chunk, n_rows), V, h.dtype)
     Esum = E.sum(axis=0) if eps else None                              # sum_v E_v, for mean_v l_v
     # the bound reads all of E once: worth it only when the buffer passes it saves are bigger
-    bound = _logit_bound(hs, E) if n_rows > C else None
+    bound = _logit_bound(hs, E, e_norm) if n_rows > C else None
     w_hot = (1.0 - eps) / n_total                                      # weight of the one-hot term
     loss_sum = 0.0
     for i in range(0, n_rows, chunk):
