@@ -8,7 +8,7 @@ Inside the file (np.savez, no pickle):
                     state, training arguments, data fingerprint, validation loss
 
 A run folder holds `latest.npz` (every save) and `best.npz` (best validation loss so far).
-`Model.load(path)` takes either file or the folder (then `latest.npz`).
+`Model.load(path)` (model.py) takes either file or the folder (then `latest.npz`).
 
 Writes go to a temporary file first, are flushed to disk, then renamed over the old file (fileio.py):
 a crash or a full disk in the middle leaves the previous checkpoint as it was. On load, the zip's CRC checks
@@ -105,42 +105,6 @@ def load_checkpoint(path):
             raise CheckpointError(f"{path}: unexpected entry {k!r}")
         groups[prefix][name] = v
     return groups["param"], meta, groups["opt"], groups["cmap"]
-
-
-def load_model(path, dtype=None):
-    """A Model with the checkpoint's config and weights (dtype: the saved one unless given)."""
-    from .model import Model, ModelConfig, param_shapes
-    params, meta, _, cmap_state = load_checkpoint(path)
-    try:
-        cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{resolve(path)}: its model config is missing or invalid ({e})") from None
-    check_params(params, param_shapes(cfg), resolve(path))
-    dtype = np.dtype(dtype) if dtype is not None else next(iter(params.values())).dtype
-    class_map = None
-    if cfg.head == "hier":
-        class_map = check_class_map(cmap_state, cfg, params["head.class_w"].shape[0], resolve(path))
-    model = Model(cfg, seed=0, dtype=dtype, class_map=class_map)
-    for k, v in params.items():
-        model.params[k] = np.ascontiguousarray(v, dtype=dtype)
-    model.meta = meta
-    return model
-
-
-def check_class_map(state, cfg, n_classes, where):
-    """The hier head's class map from a checkpoint, checked against the model it belongs to."""
-    from .ops.hier_head import ClassMap
-    if "token_class" not in state:
-        raise CheckpointError(f"{where}: a hier-head checkpoint without its class map (cmap/token_class)")
-    tc = state["token_class"]
-    if tc.shape != (cfg.vocab_size,) or tc.min() < 0 or tc.max() >= n_classes:
-        raise CheckpointError(f"{where}: its class map does not fit the model ({tc.shape[0]} tokens, "
-                              f"classes {tc.min()}..{tc.max()}; the model has {cfg.vocab_size} tokens and "
-                              f"{n_classes} classes)")
-    try:
-        return ClassMap.from_state(state)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: its class map is invalid ({e})") from None
 
 
 def check_params(params, shapes, where):

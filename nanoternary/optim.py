@@ -1,6 +1,6 @@
 """Optimizers, learning-rate schedules, gradient clipping and a weight EMA, by hand in NumPy.
 
-What the reference (FlashLM v3, see ../shared/DESIGN.md) trains with, and what this file gives:
+What the reference (FlashLM v3) trains with, and what this file gives:
 
     NorMuon  lr 0.02   the 2-D latent weights of the ternary core (momentum orthogonalised by a
                        5-step Newton-Schulz iteration, then normalised per row)
@@ -8,8 +8,8 @@ What the reference (FlashLM v3, see ../shared/DESIGN.md) trains with, and what t
              betas (0.9, 0.95), weight decay 0.1 on matrices only (none on norms and gains)
     warmup-stable-decay schedule, global gradient-norm clip 1.0, EMA of the weights 0.999
 
-NorMuon follows the PyTorch peer (`../shared/peers/torch_train_peer.py`, `newton_schulz5` and
-`NorMuon`) line for line, since that is what our runs are compared with; AdamW follows
+NorMuon follows the reference recipe as our PyTorch peer writes it (nanoternary/tools/torch_peer.py)
+line for line, since that is what our runs are compared with; AdamW follows
 `torch.optim.AdamW` (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019), and
 Muon is Keller Jordan's (2024, modded-nanogpt).
 
@@ -33,44 +33,17 @@ state_dict() of each returns a flat dict {str: np.ndarray | int | float | str} w
 "m/block.glu.gate.w"; it goes into np.savez as it is (prefix the keys, e.g. "adamw/", to keep
 two optimizers in one file) and load_state_dict() takes the arrays np.load gives back.
 
-The AdamW update of the 50257 x 256 embedding runs every step, so the elementwise updates are
-written with in-place operations on cache-sized pieces (see `_chunks`): no full-size temporary is
-allocated per step, and the pieces are shared between the cores (parallel.parallel_ranges).
+Each optimizer's elementwise update is one method (`AdamW.update`, `EMA.update_one`) written on
+whole arrays; nanoternary/fast/optim.py runs the same lines on cache-sized pieces shared between
+the cores (bit-for-bit the same result: tests/test_fast.py).
 """
 import math
 from contextlib import contextmanager
 
 import numpy as np
 
-from .parallel import parallel_ranges
-
 # ----------------------------------------------------------------------------------------------
 # shared helpers
-
-
-CHUNK = 32768  # elements per piece in the elementwise updates (128 KB of float32, fits in L2)
-
-
-def _chunks(lo, hi=None):
-    """Slices covering range(lo, hi) (or range(n)), CHUNK elements at a time.
-
-    An update like AdamW's is about a dozen elementwise passes. Over the whole 50257 x 256
-    embedding each pass streams 51 MB from memory; done piece by piece, the dozen passes run on a
-    128 KB piece that stays in the L2 cache, and only the first touch of each array goes to
-    memory (measured here: 140 ms -> 63 ms per AdamW step of the float32 embedding). It also
-    means the temporary is one small buffer instead of a full-size array.
-    """
-    if hi is None:
-        lo, hi = 0, lo
-    for i in range(lo, hi, CHUNK):
-        yield slice(i, min(i + CHUNK, hi))
-
-
-def _flat(name, a):
-    """A flat view of a (C-contiguous) array, so that writes to the view update the array."""
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: parameters must be C-contiguous to be updated in place")
-    return a.reshape(-1)
 
 
 def _num(x):
@@ -187,53 +160,31 @@ class AdamW(_MomentState):
     def step(self, params, grads, lr=None):
         """Update the owned params in place. lr overrides the base lr (for schedules)."""
         lr = float(self.lr if lr is None else lr)
-        b1, b2 = self.betas
         for k in self.names:
             g = grads.get(k)
             if g is None:
                 continue
-            self.t[k] += 1
-            t = self.t[k]
-            # The last line of the update, p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with the
-            # bias corrections bc = 1 - beta^t (m and v start at 0, so early on they are too
-            # small by exactly that factor), rearranged to save a pass (Kingma & Ba, sec. 2):
-            #     p -= step_size * m / (sqrt(v) + eps_hat),
-            #     step_size = lr * sqrt(bc2) / bc1,  eps_hat = eps * sqrt(bc2)
-            bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-            step_size = lr * math.sqrt(bc2) / bc1
-            eps_hat = self.eps * math.sqrt(bc2)
-            shrink = 1.0 - lr * self.weight_decay if self.decays[k] else 1.0
             if g.shape != params[k].shape:
                 raise ValueError(f"AdamW: gradient of {k} has shape {g.shape}, parameter {params[k].shape}")
-            P, G = _flat(k, params[k]), np.ravel(g)
-            M, V = self.m[k].reshape(-1), self.v[k].reshape(-1)
-            parallel_ranges(lambda lo, hi: self._update(P, G, M, V, lo, hi, shrink, step_size, eps_hat), P.size)
+            self.t[k] += 1
+            self.update(params[k], g, self.m[k], self.v[k], lr, self.t[k], self.decays[k])
 
-    def _update(self, P, G, M, V, lo, hi, shrink, step_size, eps_hat):
-        """The AdamW update of the flat slice [lo, hi) (one worker's share of a parameter)."""
+    def update(self, p, g, m, v, lr, t, decay):
+        """One AdamW step of one parameter p (gradient g, moments m and v, step count t), in place."""
         b1, b2 = self.betas
-        buf = np.empty(CHUNK, dtype=P.dtype)
-        for s in _chunks(lo, hi):                     # see _chunks: same math, cache-sized pieces
-            p, g_, m, v, tmp = P[s], G[s], M[s], V[s], buf[:s.stop - s.start]
-            # decoupled weight decay: p *= 1 - lr*wd, independent of the gradient
-            if shrink != 1.0:
-                p *= shrink
-            # m = b1*m + (1-b1)*g
-            m *= b1
-            np.multiply(g_, 1.0 - b1, out=tmp)
-            m += tmp
-            # v = b2*v + (1-b2)*g^2
-            v *= b2
-            np.multiply(g_, g_, out=tmp)
-            tmp *= 1.0 - b2
-            v += tmp
-            # p -= step_size * m / (sqrt(v) + eps_hat)
-            np.sqrt(v, out=tmp)
-            tmp += eps_hat
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
-
+        # The last line of the update, p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with the
+        # bias corrections bc = 1 - beta^t (m and v start at 0, so early on they are too small by
+        # exactly that factor), rearranged to save a pass (Kingma & Ba, sec. 2):
+        #     p -= step_size * m / (sqrt(v) + eps_hat),  step_size = lr sqrt(bc2) / bc1,  eps_hat = eps sqrt(bc2)
+        bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        step_size, eps_hat = lr * math.sqrt(bc2) / bc1, self.eps * math.sqrt(bc2)
+        if decay:
+            p *= 1.0 - lr * self.weight_decay         # decoupled weight decay, independent of g
+        m *= b1
+        m += (1.0 - b1) * g                           # m = b1 m + (1 - b1) g
+        v *= b2
+        v += (1.0 - b2) * (g * g)                     # v = b2 v + (1 - b2) g^2
+        p -= step_size * (m / (np.sqrt(v) + eps_hat))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,17 +425,11 @@ class EMA:
         d = self.current_decay()
         self.num_updates += 1
         for k, s in self.shadow.items():
-            S, P = s.reshape(-1), np.ravel(params[k])
+            self.update_one(s, params[k], d)
 
-            def update(lo, hi, S=S, P=P):
-                buf = np.empty(CHUNK, dtype=S.dtype)
-                for c in _chunks(lo, hi):
-                    # ema = d*ema + (1-d)*p, written as ema -= (1-d)*(ema - p)
-                    tmp = buf[:c.stop - c.start]
-                    np.subtract(S[c], P[c], out=tmp)
-                    tmp *= 1.0 - d
-                    S[c] -= tmp
-            parallel_ranges(update, S.size)
+    def update_one(self, s, p, d):
+        """ema = d*ema + (1-d)*p, written as ema -= (1-d)*(ema - p), in place."""
+        s -= (1.0 - d) * (s - p)
 
     def copy_to(self, params):
         """Overwrite params (in place) with the averaged weights."""

@@ -24,11 +24,14 @@ target with that level's uniform distribution, and the z-loss adds z * lse^2 for
               da = p_a * (1 + 2 z lse_a) - (1-eps) onehot(class) - eps / n_classes
               db = p_b * (1 + 2 z lse_b) - (1-eps) onehot(token) - eps / |S_c|
               dh = da @ W_c + db @ E[S_c];  dW_c += da^T h;  dE[S_c] += db^T h
+
+Each level is a plain softmax cross-entropy (head.cross_entropy_*), so this file only says which
+logits go into which softmax. nanoternary/fast/hier_head.py computes the same in place, with the
+classes split between the cores; tests/test_fast.py proves the two equal.
 """
 import numpy as np
 
-from ..parallel import run_shards
-from ..profile import section
+from .head import cross_entropy_backward, cross_entropy_forward, log_softmax
 
 
 class ClassMap:
@@ -120,115 +123,62 @@ def _no_empty_bins(bins, n_classes):
     return out
 
 
-def _softmax_rows(L):
-    # L (n,m) logits -> (p, lse): softmax in place in L, log-sum-exp per row (float64)
-    m = L.max(axis=1)
-    L -= m[:, None]
-    np.exp(L, out=L)
-    s = L.sum(axis=1)
-    L /= s[:, None]
-    return L, m.astype(np.float64) + np.log(s.astype(np.float64))
+def hier_ce_rows(h, E, Wc, cmap, targets, label_smoothing=0.0, z_loss=0.0):
+    # h (N,C), E (V,C), Wc (n_classes,C), targets (N,) -> loss (N,): one loss per row, cache
+    """Per-row loss of both levels (module docstring). Caches what hier_ce_backward needs."""
+    eps, z = label_smoothing, z_loss
+    cls = cmap.token_class[targets]                        # (N,) the class of every target
+    # class level: one softmax over the n_classes class logits for every row
+    loss, c_class = cross_entropy_forward(h @ Wc.T, cls, eps, z)
+    # token level: a softmax over the tokens of the target's class. Rows whose targets share a
+    # class share the same logit vectors E[S_c], so they go through one product per class.
+    c_tokens = []
+    for c in np.unique(cls):
+        r = np.flatnonzero(cls == c)                       # rows whose target is in class c
+        toks = cmap.members(c)                             # S_c
+        loss_b, c_b = cross_entropy_forward(h[r] @ E[toks].T, cmap.position[targets[r]], eps, z)
+        loss[r] += loss_b
+        c_tokens.append((r, toks, c_b))
+    return loss, (h, E, Wc, c_class, c_tokens)
 
 
-def _level_grad(L, pick, eps, z, scale):
-    # L (n,m) logits -> loss per row, and L overwritten with dloss/dlogits * scale
-    n, m = L.shape
-    ar = np.arange(n)
-    ly = L[ar, pick].astype(np.float64)
-    mean_l = L.mean(axis=1, dtype=np.float64) if eps else 0.0
-    p, lse = _softmax_rows(L)
-    loss = (1.0 - eps) * (lse - ly) + eps * (lse - mean_l) + z * lse * lse
-    p *= ((1.0 + 2.0 * z * lse) * scale).astype(p.dtype)[:, None]
-    p[ar, pick] -= (1.0 - eps) * scale
-    if eps:
-        p -= eps * scale / m
-    return loss, p
+def hier_ce_forward(h, E, Wc, cmap, targets, label_smoothing=0.0, z_loss=0.0):
+    # h (N,C), E (V,C), Wc (n_classes,C), targets (N,) -> loss scalar (mean over the N rows), cache
+    loss, cache = hier_ce_rows(h, E, Wc, cmap, targets, label_smoothing, z_loss)
+    return loss.mean(), cache
 
 
-def hier_ce_fused(h, E, Wc, cmap, targets, rows=None, label_smoothing=0.0, z_loss=0.0, need_dE=True,
-                  denom=None, workers=1):
-    # h (N,C), E (V,C), Wc (n_classes,C), targets (N,) -> loss, dh (N,C), dE (V,C) or None, dWc
-    """Mean loss over the counted rows and its gradients, in one pass (module docstring).
-
-    `denom`: the mean's denominator, as in head.softmax_ce_fused. `workers`: the token level is
-    split by classes between that many threads (parallel.run_shards); each class's rows and tokens
-    belong to it alone, so the workers write disjoint rows of dh and dE."""
-    eps, z = float(label_smoothing), float(z_loss)
-    hs, ys = (h, targets) if rows is None else (h[rows], targets[rows])
-    scale = 1.0 / (denom if denom is not None else max(hs.shape[0], 1))
-    cls = cmap.token_class[ys]
-    # class level: one small softmax over n_classes for every row
-    with section("head forward"):
-        A = hs @ Wc.T
-        loss_a, dA = _level_grad(A, cls, eps, z, scale)
-    with section("head backward"):
-        dhs = dA @ Wc
-        dWc = dA.T @ hs
-    # token level: rows grouped by the class of their target; one GEMM per class present
-    by_class = np.argsort(cls, kind="stable")
-    present, starts, counts = np.unique(cls[by_class], return_index=True, return_counts=True)
-    dE = None
-    if need_dE:
-        dE = np.empty_like(E)                        # each present class's rows are written once below
-        dE[~np.isin(cmap.token_class, present)] = 0.0
-
-    def token_level(lo, hi):                         # the present classes lo .. hi-1
-        loss = 0.0
-        for c, s0, k in zip(present[lo:hi], starts[lo:hi], counts[lo:hi]):
-            r = by_class[s0:s0 + k]                  # rows whose target is in class c
-            toks = cmap.members(c)                   # S_c
-            with section("head forward"):
-                Ec = E[toks]                         # (|S_c|, C)
-                hb = hs[r]
-                Bl = hb @ Ec.T                       # (k, |S_c|) token logits within the class
-                loss_b, dB = _level_grad(Bl, cmap.position[ys[r]], eps, z, scale)
-                loss += loss_b.sum()
-            with section("head backward"):
-                dhs[r] += dB @ Ec
-                if need_dE:
-                    dE[toks] = dB.T @ hb             # the only rows of dE class c touches
-        return loss
-
-    # split the classes so that each worker gets about the same work (~ (rows + 2) * class size)
-    cost = np.cumsum((counts + 2) * np.diff(cmap.offsets)[present])
-    cuts = np.searchsorted(cost, cost[-1] * np.arange(1, workers) / workers) if present.size else []
-    bounds = [0, *[int(c) for c in cuts], present.size]
-    losses = run_shards(token_level, list(zip(bounds[:-1], bounds[1:])))
-    loss_sum = loss_a.sum() + sum(losses)
-    if rows is None:
-        dh = dhs
-    else:
-        dh = np.zeros_like(h)
-        np.add.at(dh, rows, dhs)
-    return loss_sum * scale, dh, dE, dWc
+def hier_ce_backward(dloss, cache):
+    # dloss scalar -> dh (N,C), dE (V,C), dWc (n_classes,C)
+    """Forward was a = h @ Wc^T, b_c = h[r_c] @ E[S_c]^T for each class c, loss = mean of the
+    cross-entropies of a and of every b_c. So, with da, db_c from cross_entropy_backward:
+        dh = da @ Wc, plus db_c @ E[S_c] on the rows r_c;   dWc = da^T @ h;
+        dE[S_c] = db_c^T @ h[r_c]  (each token is in one class: every row of dE is written once)."""
+    h, E, Wc, c_class, c_tokens = cache
+    N = h.shape[0]
+    drow = np.full(N, dloss / max(N, 1), dtype=h.dtype)    # d mean / d row loss
+    da = cross_entropy_backward(drow, c_class)
+    dh = da @ Wc
+    dWc = da.T @ h
+    dE = np.zeros_like(E)
+    for r, toks, c_b in c_tokens:
+        db = cross_entropy_backward(drow[r], c_b)
+        dh[r] += db @ E[toks]
+        dE[toks] = db.T @ h[r]
+    return dh, dE, dWc
 
 
 def hier_nll(h, E, Wc, cmap, targets):
     # h (N,C), targets (N,) -> nll (N,) float64 = -log P(class) - log P(token | class)
-    cls = cmap.token_class[targets]
-    A = h @ Wc.T
-    _, lse_a = _softmax_rows(A.copy())
-    nll = lse_a - (A[np.arange(len(cls)), cls]).astype(np.float64)
-    by_class = np.argsort(cls, kind="stable")
-    present, starts, counts = np.unique(cls[by_class], return_index=True, return_counts=True)
-    for c, s0, k in zip(present, starts, counts):
-        r = by_class[s0:s0 + k]
-        Bl = h[r] @ E[cmap.members(c)].T
-        picked = Bl[np.arange(k), cmap.position[targets[r]]].astype(np.float64)
-        _, lse_b = _softmax_rows(Bl)
-        nll[r] += lse_b - picked
-    return nll
+    return hier_ce_rows(h, E, Wc, cmap, targets)[0].astype(np.float64)
 
 
 def hier_log_probs(h, E, Wc, cmap):
     # h (N,C) -> logp (N,V): log P(class(v)) + log P(v | class(v)) for every token v
-    A = h @ Wc.T
-    _, lse_a = _softmax_rows(A.copy())
-    logp_class = A - lse_a[:, None].astype(A.dtype)
+    logp_class = log_softmax(h @ Wc.T)
     out = np.empty((h.shape[0], cmap.vocab_size), dtype=h.dtype)
     for c in range(cmap.n_classes):
         toks = cmap.members(c)
-        Bl = h @ E[toks].T
-        _, lse_b = _softmax_rows(Bl.copy())
-        out[:, toks] = logp_class[:, c:c + 1] + Bl - lse_b[:, None].astype(Bl.dtype)
+        out[:, toks] = logp_class[:, c:c + 1] + log_softmax(h @ E[toks].T)
     return out
+

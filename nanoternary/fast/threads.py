@@ -2,62 +2,42 @@
 
 NumPy runs elementwise operations (the norms, gates, softmax exps of this model) on ONE core, and
 BLAS runs each matrix product on all of them. On a 2-core machine that leaves half the machine idle
-for much of a training step. Instead, `Model.loss_and_grads` cuts the batch into one shard per core
-and runs each shard's forward, then the head (split by rows, or by classes for the hier head), then
-each shard's backward, each piece in its own thread with BLAS at one thread per call: data-parallel
-training across cores, as one would across devices. Each worker computes the gradient of its
-shard's share of the loss, and the shards' gradients are summed. NumPy releases Python's GIL inside
-its loops and BLAS calls, so the threads really run at the same time.
+for much of a training step. Instead, fast/step.py cuts the batch into one shard per core and runs
+each shard's forward, then the head, then each shard's backward, each piece in its own thread with
+BLAS at one thread per call: data-parallel training across cores, as one would across machines.
+NumPy releases Python's GIL inside its loops and BLAS calls, so the threads really run at once.
 
-That needs control of the BLAS thread count, which NumPy does not expose. NumPy's wheels bundle
-OpenBLAS, whose `openblas_set_num_threads` we call through ctypes (the library is found among the
-process's loaded libraries in /proc/self/maps). Where that is not possible (another BLAS, another
-OS), `blas_control()` is None and everything runs in one thread: same results, one core for
-elementwise work. The thread count is process-wide: call these functions from one thread at a
-time (the training loop), and not from inside a task they run.
+The BLAS thread count is set with threadpoolctl (it knows OpenBLAS, MKL, BLIS and Accelerate).
+Where no BLAS library can be controlled, everything runs in one thread: same results, one core for
+elementwise work. The count is process-wide: call these functions from one thread at a time (the
+training loop), and not from inside a task they run.
 """
 import contextlib
-import ctypes
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+
+from threadpoolctl import ThreadpoolController
 
 from . import profile
 
-_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads64_", "openblas_set_num_threads")
-_GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-            "openblas_get_num_threads64_", "openblas_get_num_threads")
-_control = None
-_lock = threading.Lock()
+_blas = None             # threadpoolctl's controller of the BLAS libraries, made on first use
 _pool = None
 _threads = None          # set_threads(n); None: one per core
 
 
-def blas_control():
-    """(set_threads, get_threads) for NumPy's bundled OpenBLAS, or None when it cannot be found."""
-    global _control
-    if _control is None:
-        _control = False
+def blas():
+    """threadpoolctl's controller of this process's BLAS libraries (possibly none of them)."""
+    global _blas
+    if _blas is None:
         import numpy  # noqa: F401  (loads the BLAS library)
-        try:
-            with open("/proc/self/maps") as f:
-                libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
-        except OSError:
-            libs = []
-        for path in libs:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
-            getter = next((getattr(lib, g) for g in _GETTERS if hasattr(lib, g)), None)
-            if setter is not None and getter is not None:
-                setter.argtypes = [ctypes.c_int]
-                getter.restype = ctypes.c_int
-                _control = (setter, getter)
-                break
-    return _control or None
+        _blas = ThreadpoolController().select(user_api="blas")
+    return _blas
+
+
+def blas_threads_now():
+    """BLAS threads per call now (the first library's), or None when there is no BLAS to control."""
+    info = blas().info()
+    return info[0]["num_threads"] if info else None
 
 
 def available_cores():
@@ -75,28 +55,17 @@ def set_threads(n):
 
 def default_workers():
     """Worker threads: set_threads(n), else NANOTERNARY_THREADS, else the cores we may use;
-    1 without BLAS control."""
+    1 when BLAS cannot be limited to one thread per call."""
     env = os.environ.get("NANOTERNARY_THREADS")
     n = _threads or (int(env) if env else available_cores())
-    return max(1, n) if blas_control() is not None else 1
+    return max(1, n) if blas().lib_controllers else 1
 
 
 @contextlib.contextmanager
 def blas_threads(n):
-    """Run the block with BLAS limited to n threads per call (no-op without BLAS control)."""
-    ctl = blas_control()
-    if ctl is None:
+    """Run the block with BLAS limited to n threads per call (restored afterwards, also on errors)."""
+    with blas().limit(limits=n):
         yield
-        return
-    setter, getter = ctl
-    with _lock:
-        old = getter()
-        setter(n)
-    try:
-        yield
-    finally:
-        with _lock:
-            setter(old)
 
 
 def _get_pool(n):
@@ -131,6 +100,13 @@ def run_shards(fn, shards):
         return _run(fn, shards)
 
 
+def split(n, parts):
+    """[(lo, hi), ...]: range(n) in `parts` consecutive pieces of nearly equal size (none empty)."""
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def parallel_ranges(fn, n, min_size=1 << 20):
     """fn(lo, hi) over consecutive pieces of range(n), one per worker, in parallel: for elementwise
     work on big arrays (the optimizer's update of the 12.9M-entry embedding). Small n: one call."""
@@ -138,8 +114,7 @@ def parallel_ranges(fn, n, min_size=1 << 20):
     if n < min_size or workers == 1:
         fn(0, n)
         return
-    bounds = [n * i // workers for i in range(workers + 1)]
-    _run(fn, list(zip(bounds[:-1], bounds[1:])))
+    _run(fn, split(n, workers))
 
 
 def add_into(a, b):
