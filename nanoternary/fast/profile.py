@@ -42,6 +42,17 @@ def enabled():
     return _enabled
 
 
+@contextlib.contextmanager
+def paused():
+    """Nothing inside the block is timed (evaluation during a profiled run)."""
+    global _enabled
+    was, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = was
+
+
 def reset():
     with _lock:
         _times.clear()
