@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoternary import config, runlog
-from nanoternary.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, resolve, save_checkpoint
+from nanoternary.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, save_checkpoint
 from nanoternary.config import setting
 from nanoternary.data import DataError, get_batch, prepare, val_windows
 from nanoternary.fast import profile
@@ -417,7 +417,9 @@ def config_from_args(argv=None):
             args.max_steps = 0 if (args.time_budget or args.max_tokens) else 4000
         return (config.from_args(TrainConfig, args), config.from_args(ModelConfig, args), None,
                 args.profile, args.overwrite)
-    path = resolve(args.out if args.resume is True else args.resume)
+    path = os.path.join(args.out, LATEST) if args.resume is True else args.resume
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume: no checkpoint {path} to resume from; start the run without --resume")
     _, meta, _, _ = load_checkpoint(path)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved_train = {k: tuple(v) if isinstance(v, list) and k != "data" else v

@@ -87,14 +87,16 @@ def test_adamw_decay_rule_skipped_keys_and_subset():
     assert_close(params["embed.w"], e0 * (1 - 1e-3 * 0.1) - 1e-3, "embed.w", rtol=1e-6)
 
 
-def test_adamw_keeps_dtype_and_works_in_chunks():
-    # larger than one CHUNK, float32, compared with the plain whole-array formula in float64
-    from nanoternary import optim
+@pytest.mark.parametrize("fast", [False, True])
+def test_adamw_keeps_dtype_float32(fast):
+    # float32 (and, for the fast layer's version, larger than one chunk) against the textbook
+    # formula in float64
+    from nanoternary.fast.optim import CHUNK, FastAdamW
     rng = np.random.default_rng(1)
-    W = rng.standard_normal((3, optim.CHUNK // 2 + 7)).astype(np.float32)
+    W = rng.standard_normal((3, CHUNK // 2 + 7)).astype(np.float32)
     grads = [rng.standard_normal(W.shape).astype(np.float32) for _ in range(3)]
     params = {"w": W.copy()}
-    opt = AdamW(params, lr=1e-2)
+    opt = (FastAdamW if fast else AdamW)(params, lr=1e-2)
     for g in grads:
         opt.step(params, {"w": g})
     assert params["w"].dtype == np.float32

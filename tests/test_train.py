@@ -100,14 +100,15 @@ def test_resume_refuses_other_settings(corpus, capsys):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, monkeypatch, capsys):
-    real = Model.loss_and_grads
+    from nanoternary.fast import step
+    real = step.loss_and_grads
     calls = {"n": 0}
 
-    def poisoned(self, *a, **k):
+    def poisoned(*a, **k):
         calls["n"] += 1
-        loss, grads = real(self, *a, **k)
+        loss, grads = real(*a, **k)
         return (float("nan") if calls["n"] == 5 else loss), grads
-    monkeypatch.setattr(Model, "loss_and_grads", poisoned)
+    monkeypatch.setattr(step, "loss_and_grads", poisoned)
     code = train.main(["--data", corpus, "--out", "n", "--max-steps", "20", "--save-interval", "2"] + TINY)
     assert code == 1
     err = capsys.readouterr().err
@@ -196,7 +197,7 @@ def test_curriculum_keeps_tokens_per_step(corpus):
 
 
 def test_compare_heads_runs_both_heads(corpus, tmp_path):
-    from nanoternary import compare_heads
+    from nanoternary.tools import compare_heads
     compare_heads.main(["--data", corpus, "--minutes", "0.04", "--out", str(tmp_path / "cmp"), "--"]
                        + TINY + ["--eval-interval", "1000"])
     summary = json.load(open(tmp_path / "cmp" / "summary.json"))

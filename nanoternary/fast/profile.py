@@ -12,7 +12,7 @@ of the block, and puts the originals back afterwards (see WRAPPED). The fast lay
 
 Exclusive: time spent in a section nested inside another (a norm inside the GLU) counts for the
 inner one only, so the shares add up to 1. Timing is per thread and then summed, so with the work
-spread over cores (parallel.py) a share is a fraction of the CPU time of the step: a worker thread
+spread over cores (threads.py) a share is a fraction of the CPU time of the step: a worker thread
 charges its time to its own sections, or else to the section that started it, and the thread that
 waits for the workers charges nothing meanwhile (`section(None)`). A BLAS call that itself uses
 several threads (NorMuon's products, made outside the workers) counts once, as wall time.
