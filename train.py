@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoternary import config, runlog
-from nanoternary.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, save_checkpoint
+from nanoternary.checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_optimizer_state,
+                                    optimizer_state, save_checkpoint)
 from nanoternary.config import setting
 from nanoternary.data import DataError, get_batch, prepare, val_windows
 from nanoternary.fast import profile
@@ -43,8 +44,8 @@ from nanoternary.fast import step as fast
 from nanoternary.fast.optim import FastAdamW, FastEMA
 from nanoternary.fast.threads import default_workers, set_threads
 from nanoternary.model import Model, ModelConfig, n_hier_classes
-from nanoternary.ops.hier_head import ClassMap
-from nanoternary.optim import NorMuon, accumulate, clip_grad_norm, cosine_frac, split_params, wsd_frac
+from nanoternary.classmap import ClassMap
+from nanoternary.optim import NorMuon, accumulate, clip_grad_norm, cosine, split_params, wsd
 
 
 @dataclass
@@ -182,7 +183,7 @@ class Run:
             if o is not None:
                 if not part:
                     raise CheckpointError(f"{path} has no {prefix[:-1]} state to resume from")
-                o.load_state_dict(part)
+                load_optimizer_state(o, part, path)
 
     def save(self, name=LATEST, val_loss=None):
         """latest.npz: everything needed to resume. best.npz: the weights that scored `val_loss`
@@ -195,7 +196,7 @@ class Run:
         opt = {}
         for prefix, o in (("muon/", self.muon), ("adamw/", self.adam), ("ema/", self.ema)):
             if o is not None:
-                opt.update({prefix + k: v for k, v in o.state_dict().items()})
+                opt.update({prefix + k: v for k, v in optimizer_state(o).items()})
         meta = {
             "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg),
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
@@ -245,8 +246,8 @@ class Run:
         norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else None
         if norm is not None and not math.isfinite(norm):
             raise Stop(f"step {self.step + 1}: the gradient norm is {norm}")
-        mult = wsd_frac(progress, self.step, cfg.warmup, cfg.decay_frac) if cfg.schedule == "wsd" \
-            else cosine_frac(progress, self.step, cfg.warmup)
+        mult = wsd(progress, self.step, cfg.warmup, cfg.decay_frac) if cfg.schedule == "wsd" \
+            else cosine(progress, self.step, cfg.warmup)
         with profile.section("optimizer"):
             self.muon.step(model.params, grads, lr=cfg.lr_muon * mult)
             self.adam.step(model.params, grads, lr=cfg.lr_adam * mult)

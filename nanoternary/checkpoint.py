@@ -2,7 +2,7 @@
 
 Inside the file (np.savez, no pickle):
     param/<name>    the model's latent float weights, one array per parameter
-    opt/<key>       optimizer and EMA state (flat dicts from their state_dict(), keys prefixed)
+    opt/<key>       optimizer and EMA state (optimizer_state below: "adamw/m/<name>", ...)
     cmap/<key>      the hierarchical head's class map, when the model has one
     meta            a JSON document: format version, model config, step, tokens seen, random
                     state, training arguments, data fingerprint, validation loss
@@ -120,3 +120,47 @@ def check_params(params, shapes, where):
                                   f"needs {tuple(shape)}")
         if not np.isfinite(params[k]).all():
             raise CheckpointError(f"{where}: {k} contains NaN or infinite values")
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer state: the moments of AdamW and NorMuon, the EMA's averaged weights
+
+
+def optimizer_state(opt):
+    """A flat dict of arrays for np.savez: {"kind": ..., "m/<name>", "v/<name>", "t/<name>"} for
+    AdamW and NorMuon, {"kind", "num_updates", "shadow/<name>"} for the EMA. Hyperparameters are not
+    stored: they come from the run's config."""
+    if opt.kind == "EMA":
+        return {"kind": "EMA", "num_updates": opt.num_updates, **{"shadow/" + k: s for k, s in opt.shadow.items()}}
+    d = {"kind": opt.kind}
+    for k in opt.names:
+        d["m/" + k], d["v/" + k], d["t/" + k] = opt.m[k], opt.v[k], opt.t[k]
+    return d
+
+
+def load_optimizer_state(opt, d, where="checkpoint"):
+    """Restore what optimizer_state saved into the live optimizer `opt` (copied, shapes checked),
+    or a CheckpointError naming what does not fit."""
+    kind = str(np.asarray(d.get("kind", opt.kind)))
+    if kind != opt.kind:
+        raise CheckpointError(f"{where}: holds the state of a {kind} where a {opt.kind} was expected")
+    if opt.kind == "EMA":
+        arrays = {"shadow/" + k: s for k, s in opt.shadow.items()}
+    else:
+        arrays = {f"{s}/{k}": getattr(opt, s)[k] for k in opt.names for s in ("m", "v")}
+    counts = {"num_updates"} if opt.kind == "EMA" else {"t/" + k for k in opt.names}
+    missing = [k for k in (*arrays, *counts) if k not in d]
+    extra = sorted(set(d) - set(arrays) - counts - {"kind"})
+    if missing or extra:
+        raise CheckpointError(f"{where}: the {opt.kind} state does not fit this model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for k, live in arrays.items():
+        saved = np.asarray(d[k])
+        if saved.shape != live.shape:
+            raise CheckpointError(f"{where}: {opt.kind} {k} has shape {saved.shape}, expected {live.shape}")
+        np.copyto(live, saved, casting="same_kind")
+    if opt.kind == "EMA":
+        opt.num_updates = int(np.asarray(d["num_updates"]))
+    else:
+        for k in opt.names:
+            opt.t[k] = int(np.asarray(d["t/" + k]))

@@ -35,7 +35,8 @@ from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
 from .ops.gates import relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward, sigmoid_gate_forward
 from .ops.head import log_softmax, nll, softmax_ce_backward, softmax_ce_forward
-from .ops.hier_head import ClassMap, hier_ce_backward, hier_ce_forward, hier_log_probs, hier_nll
+from .classmap import ClassMap
+from .ops.hier_head import hier_ce_backward, hier_ce_forward, hier_log_probs, hier_nll
 from .ops.norm import rmsnorm_backward, rmsnorm_forward
 from .ops.ternary import ternary_linear_backward, ternary_linear_forward, ternary_quantize, ternary_ste_backward
 

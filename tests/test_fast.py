@@ -14,7 +14,8 @@ from nanoternary.fast.optim import CHUNK, FastAdamW, FastEMA
 from nanoternary.gradcheck import TINY, tiny_model
 from nanoternary.model import Model, ModelConfig
 from nanoternary.ops.head import nll, softmax_ce_backward, softmax_ce_forward
-from nanoternary.ops.hier_head import ClassMap, hier_ce_backward, hier_ce_forward
+from nanoternary.classmap import ClassMap
+from nanoternary.ops.hier_head import hier_ce_backward, hier_ce_forward
 from nanoternary.optim import EMA, AdamW
 
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from nanoternary.model import Model, ModelConfig
-from nanoternary.ops.hier_head import ClassMap, hier_ce_forward, hier_log_probs, hier_nll
+from nanoternary.classmap import ClassMap
+from nanoternary.ops.hier_head import hier_ce_forward, hier_log_probs, hier_nll
 
 
 @pytest.fixture

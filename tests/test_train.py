@@ -142,7 +142,7 @@ def test_hier_head_trains_and_saves_its_class_map(corpus):
     m = Model.load("h")
     assert m.cfg.head == "hier" and m.hier.n_classes == 20
     # the class map came from the training data's counts, not the default
-    from nanoternary.ops.hier_head import ClassMap
+    from nanoternary.classmap import ClassMap
     assert not np.array_equal(m.hier.token_class, ClassMap.default(50257, 20).token_class)
 
 
