@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoternary import config, runlog
-from nanoternary.checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_optimizer_state,
-                                    optimizer_state, save_checkpoint)
+from nanoternary.checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_optimizers,
+                                    optimizers_state, save_checkpoint)
 from nanoternary.config import setting
 from nanoternary.data import DataError, get_batch, prepare, val_windows
 from nanoternary.fast import profile
@@ -140,7 +140,7 @@ class Run:
                               weight_decay=cfg.weight_decay)
         self.ema = FastEMA(self.model.params, cfg.ema) if cfg.ema else None
         if resume_from:
-            self._resume_optimizers(resume_from)
+            load_optimizers(resume_from, self.optimizers())
         n_windows = max(1, cfg.eval_tokens // cfg.seq_len)
         self.val_set = val_windows(self.data.val, min(cfg.batch_size, n_windows), cfg.seq_len,
                                    max(1, n_windows // cfg.batch_size), seed=cfg.seed)
@@ -176,14 +176,8 @@ class Run:
         self.rng.bit_generator.state = meta["rng"]
         self.model.rng.bit_generator.state = meta["model_rng"]
 
-    def _resume_optimizers(self, path):
-        _, _, opt, _ = load_checkpoint(path)
-        for prefix, o in (("muon/", self.muon), ("adamw/", self.adam), ("ema/", self.ema)):
-            part = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
-            if o is not None:
-                if not part:
-                    raise CheckpointError(f"{path} has no {prefix[:-1]} state to resume from")
-                load_optimizer_state(o, part, path)
+    def optimizers(self):
+        return {"muon": self.muon, "adamw": self.adam, **({"ema": self.ema} if self.ema else {})}
 
     def save(self, name=LATEST, val_loss=None):
         """latest.npz: everything needed to resume. best.npz: the weights that scored `val_loss`
@@ -193,10 +187,6 @@ class Run:
         if bad:
             raise Stop(f"step {self.step}: {bad[0]} holds NaN or infinite values (the learning rate is "
                        f"probably too high); not saving over the last checkpoint")
-        opt = {}
-        for prefix, o in (("muon/", self.muon), ("adamw/", self.adam), ("ema/", self.ema)):
-            if o is not None:
-                opt.update({prefix + k: v for k, v in optimizer_state(o).items()})
         meta = {
             "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg),
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
@@ -209,7 +199,7 @@ class Run:
         if params is not self.model.params:
             meta["weights"] = "ema"
         cmap = self.model.hier.state() if self.model.hier is not None else None
-        save_checkpoint(os.path.join(self.cfg.out, name), params, meta, opt, cmap)
+        save_checkpoint(os.path.join(self.cfg.out, name), params, meta, optimizers_state(self.optimizers()), cmap)
 
     # -------------------------------------------------------------------- the loop
 

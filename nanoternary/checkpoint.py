@@ -138,6 +138,22 @@ def optimizer_state(opt):
     return d
 
 
+def optimizers_state(optimizers):
+    """{"muon": NorMuon, "adamw": AdamW, ...} -> one flat dict for save_checkpoint's opt_state,
+    each optimizer's entries under its name: "adamw/m/embed.w", ..."""
+    return {f"{name}/{k}": v for name, o in optimizers.items() for k, v in optimizer_state(o).items()}
+
+
+def load_optimizers(path, optimizers):
+    """Restore every optimizer of {"muon": NorMuon, ...} from the checkpoint `path`."""
+    _, _, state, _ = load_checkpoint(path)
+    for name, o in optimizers.items():
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
+        if not part:
+            raise CheckpointError(f"{path} has no {name} state to resume from")
+        load_optimizer_state(o, part, path)
+
+
 def load_optimizer_state(opt, d, where="checkpoint"):
     """Restore what optimizer_state saved into the live optimizer `opt` (copied, shapes checked),
     or a CheckpointError naming what does not fit."""

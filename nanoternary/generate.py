@@ -100,7 +100,8 @@ import numpy as np
 
 from .checkpoint import CheckpointError, check_params, check_zip, load_checkpoint, read_npz, resolve
 from .fileio import atomic_open
-from .model import TERNARY, Model, ModelConfig, block_forward, load_class_map, param_shapes, quantize
+from .classmap import ClassMap
+from .model import TERNARY, Model, ModelConfig, block_forward, n_hier_classes, param_shapes, quantize
 from .ops.conv import conv1d_forward
 from .ops.hier_head import hier_log_probs
 from .ops.norm import rmsnorm_forward
@@ -327,7 +328,7 @@ def load_packed(path, dtype=None):
     params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in groups["param"].items()}
     class_map = None
     if cfg.head == "hier":
-        class_map = load_class_map(groups["cmap"], cfg, path)
+        class_map = ClassMap.from_checkpoint(groups["cmap"], cfg.vocab_size, n_hier_classes(cfg), path)
     return InferenceWeights(cfg, params, ternary, class_map, meta, "packed", path)
 
 

@@ -406,24 +406,11 @@ class Model:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its model config is missing or invalid ({e})") from None
         check_params(params, param_shapes(cfg), path)
-        class_map = load_class_map(cmap_state, cfg, path) if cfg.head == "hier" else None
+        class_map = ClassMap.from_checkpoint(cmap_state, cfg.vocab_size, n_hier_classes(cfg), path) \
+            if cfg.head == "hier" else None
         model = cls(cfg, seed=0, dtype=dtype or next(iter(params.values())).dtype, class_map=class_map)
         for k, v in params.items():
             model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
         model.meta = meta
         return model
 
-
-def load_class_map(state, cfg, where):
-    """The hier head's class map from a checkpoint, checked against the model it belongs to."""
-    if "token_class" not in state:
-        raise CheckpointError(f"{where}: a hier-head checkpoint without its class map (cmap/token_class)")
-    tc, n = state["token_class"], n_hier_classes(cfg)
-    if tc.shape != (cfg.vocab_size,) or tc.min() < 0 or tc.max() >= n:
-        raise CheckpointError(f"{where}: its class map does not fit the model ({tc.shape[0]} tokens, "
-                              f"classes {tc.min()}..{tc.max()}; the model has {cfg.vocab_size} tokens and "
-                              f"{n} classes)")
-    try:
-        return ClassMap.from_state(state)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: its class map is invalid ({e})") from None

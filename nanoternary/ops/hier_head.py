@@ -16,20 +16,11 @@ holds about 1/n_classes of the token occurrences, so frequent tokens sit in smal
 expected class size of a target is about V / n_classes. n_classes = sqrt(V) balances the two levels:
 about 2 sqrt(V) = 450 dot products per position instead of 50,257.
 
-Training options, applied to each of the two softmaxes: label smoothing eps mixes each level's
-target with that level's uniform distribution, and the z-loss adds z * lse^2 for both normalisers.
-
-    per row:  loss = (1-eps) * (nll_class + nll_token) + eps * (lse_a - mean a) + eps * (lse_b - mean b)
-                     + z * (lse_a^2 + lse_b^2)
-              da = p_a * (1 + 2 z lse_a) - (1-eps) onehot(class) - eps / n_classes
-              db = p_b * (1 + 2 z lse_b) - (1-eps) onehot(token) - eps / |S_c|
-              dh = da @ W_c + db @ E[S_c];  dW_c += da^T h;  dE[S_c] += db^T h
-
-Each level is a plain softmax cross-entropy (head.cross_entropy_*), so this file only says which
-logits go into which softmax. `cmap` is the class map (nanoternary/classmap.py, which also says how
-the classes are made): cmap.token_class[v] is the class of token v, cmap.members(c) the tokens S_c of
-class c, cmap.position[v] the index of v within its class. nanoternary/fast/hier_head.py computes the same in place, with the
-classes split between the cores; tests/test_fast.py proves the two equal.
+Each level is a softmax cross-entropy (head.cross_entropy_*, with its label smoothing and z-loss),
+so this file only says which logits go into which softmax. `cmap` is the class map (classmap.py,
+which also says how the classes are made): cmap.token_class[v] is the class of token v,
+cmap.members(c) the tokens S_c of class c, cmap.position[v] the index of v within its class.
+fast/hier_head.py computes the same in place, the classes split between the cores.
 """
 import numpy as np
 
