@@ -77,7 +77,7 @@ def remove_stale_temps(folder):
         try:
             os.remove(os.path.join(folder, name))
             removed.append(os.path.join(folder, name))
-        except FileNotFoundError:                 # another process cleaned it up first
+        except OSError:                           # cleaned up by another process first, or not ours to remove
             pass
     return removed
 

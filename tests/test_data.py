@@ -440,7 +440,7 @@ class UnreachableHub:
     def __init__(self, error):
         self.error = error
 
-    def open(self, path, mode="rb"):
+    def open(self, path, mode="rb", **kwargs):
         raise self.error
 
 
@@ -458,7 +458,7 @@ def test_offline_falls_back_to_python_docs(tmp_path, cache, monkeypatch, capsys,
         fs = UnreachableHub(AssertionError("HF_HUB_OFFLINE should stop us before any request"))
     else:
         class SlowHub:
-            def open(self, path, mode="rb"):
+            def open(self, path, mode="rb", **kwargs):
                 time.sleep(60)                  # a hub that hangs: we must give up long before
         monkeypatch.setattr(D, "HUB_TIMEOUT", 0.2)
         fs = SlowHub()

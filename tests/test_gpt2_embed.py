@@ -65,9 +65,9 @@ class RecordingFS:
     def __init__(self):
         self.fs, self.reads, self.opened = fsspec.filesystem("file"), [], 0
 
-    def open(self, path, mode="rb"):
+    def open(self, path, mode="rb", **kwargs):
         self.opened += 1
-        return RecordingFile(self.fs.open(path, mode), self.reads)
+        return RecordingFile(self.fs.open(path, mode, **kwargs), self.reads)
 
 
 @pytest.mark.parametrize("key", ["wte.weight", "transformer.wte.weight"])
