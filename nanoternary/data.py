@@ -72,6 +72,7 @@ line and exits with status 1. docs/robustness.md lists the cases and their tests
 
 import argparse
 import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -732,10 +733,11 @@ def load_cache(folder, key=None, n_vocab=None):
 def _cannot_write(e, folder):
     """The DataError for an OSError met while writing a cache under `folder` (permissions, a
     read-only disk, a full disk, a path through a regular file)."""
-    where = e.filename if getattr(e, "filename", None) else folder
-    return DataError(f"cannot write the cache: {where}: {e.strerror or brief(e)}; make {folder} writable "
-                     f"or use another cache folder (--cache-dir of python -m nanoternary.data, "
-                     f"cache_dir= of prepare())")
+    what = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) and e.strerror else brief(e)
+    fix = ("free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "make it a folder you can write to")
+    return DataError(f"cannot write to the cache folder {folder} ({what}); {fix}, or use another one "
+                     f"(--cache-dir of python -m nanoternary.data, cache_dir= of prepare())")
 
 
 def remove_stale_cache_temps(tokens_dir):
