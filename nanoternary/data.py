@@ -327,6 +327,7 @@ def _open_remote_parquet(fs, path):
     Reads just the footer (the schema and where each row group lies), not the data. The file is
     opened without read-ahead (cache_type="none"): each read pyarrow makes is one HTTP range request
     for exactly those bytes, where fsspec's default cache would fetch a 5 MiB block each time.
+    (block_size=0 would not do: HfFileSystem then gives a stream, which cannot seek.)
     """
     reason = hub_offline_reason()
     if reason:
@@ -693,8 +694,9 @@ def _cache_problem(folder, meta, key, n_vocab):
                     if actual is not None else f"{split}.bin is missing")
     for split in ("train", "val"):
         crc, top = scan_tokens(os.path.join(folder, f"{split}.bin"))
-        if crc != meta["crc32"][f"{split}.bin"]:
-            return f"{split}.bin does not match its checksum (CRC-32 {crc}, meta.json says {meta['crc32'][f'{split}.bin']})"
+        recorded = meta["crc32"][f"{split}.bin"]
+        if crc != recorded:
+            return f"{split}.bin does not match its checksum (CRC-32 {crc}, meta.json says {recorded})"
         if top >= n_vocab:
             return f"{split}.bin holds token id {top}, not below the vocabulary size {n_vocab}"
     return None

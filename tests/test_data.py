@@ -334,7 +334,7 @@ def test_remove_stale_temps_only_of_dead_writers(tmp_path):
             f"a.bin.{HOST}-{dead_pid()}-0123abcd.tmp": True,             # its writer has ended
             f"b.bin.{HOST}-{sleeper.pid}-0123abcd.tmp": False,           # its writer still runs
             f"c.bin.{HOST}-{os.getpid()}-0123abcd.tmp": False,           # ours
-            f"d.bin.other-host-{dead_pid()}-0123abcd.tmp": False,        # another machine's: its pid means nothing here
+            f"d.bin.other-host-{dead_pid()}-0123abcd.tmp": False,        # another machine's pid means nothing here
             "notes.2024.tmp": False, "e.bin.tmp": False, "train.bin": False,   # not made by fileio
         }
         for name in names:
