@@ -168,7 +168,8 @@ def one_notice(text, marker):
 
 
 def test_fake_hub_speaks_like_the_hub(hub, gpt2):
-    """HEAD on /resolve/ gives what huggingface_hub checks (commit, etag, size), and ranges come as 206."""
+    """HEAD on /resolve/ gives what huggingface_hub checks (commit, etag, size), ranges come as 206,
+    and the API answers as HfApi expects."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import get_session
     raw = gpt2[0]
@@ -180,6 +181,15 @@ def test_fake_hub_speaks_like_the_hub(hub, gpt2):
     assert r.status_code == 206 and r.content == raw[8:16]
     assert r.headers["Content-Range"] == f"bytes 8-15/{len(raw)}"
     assert [q[3] for q in hub.requests if q[0] == "GET"][-2:] == [302, 206]
+    # the API: paths-info and a recursive tree listing, as HfApi reads them
+    from huggingface_hub import HfApi
+    api = HfApi()
+    infos = api.get_paths_info(REPO, [SHARD.format(0), "sample", "missing"], repo_type="dataset")
+    assert [(type(i).__name__, i.path) for i in infos] == [("RepoFile", SHARD.format(0)), ("RepoFolder", "sample")]
+    assert infos[0].size == len(hub.repos[("dataset", REPO)][SHARD.format(0)]) and infos[0].lfs is not None
+    tree = api.list_repo_tree(REPO, recursive=True, repo_type="dataset")
+    assert sorted(e.path for e in tree) == ["sample", "sample/10BT", SHARD.format(0), SHARD.format(1)]
+    assert api.repo_info(REPO, repo_type="dataset").sha == COMMIT
 
 
 # ----------------------------------------------------------------------------------------------
