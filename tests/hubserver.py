@@ -12,14 +12,15 @@ HfFileSystem makes when a file is opened and read:
                                                            Range requests answered with 206
                                                            Partial Content and Content-Range
 
-Faults are injected per request (`hub.fail(kind, match, times)`): "500" (an Internal Server Error
-with a JSON body, as the hub sends), "hang" (the answer waits until `hub.release()` or 10 s), "cut"
-(Content-Length says the whole range, half of it is sent, then the connection is closed).
-`hub.sent` counts the file bytes sent by the file host (bodies of /cdn/ answers; the small JSON
-answers of the API are counted apart in `hub.api_sent`); `hub.requests` logs every request.
+Faults are injected per request (`hub.fail(kind, match, times, after)`): "500" (an Internal Server
+Error with a JSON body, as the hub sends), "hang" (the answer waits until `hub.release()` or 10 s),
+"cut" (on the file host: Content-Length says the whole range, half of it is sent, then the
+connection is closed). `hub.sent` counts the file bytes sent by the file host (bodies of /cdn/
+answers; the small JSON answers of the API are counted apart in `hub.api_sent`); `hub.requests`
+logs every request as (method, path, Range header, status).
 
     with FakeHub({("dataset", "HuggingFaceFW/fineweb-edu"): {"sample/10BT/000_00000.parquet": raw}}) as hub:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)   # see use_endpoint()
+        use_endpoint(monkeypatch, hub.url)          # huggingface_hub now talks to it
 """
 import hashlib
 import json

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import fsspec
@@ -197,7 +196,7 @@ def test_fake_hub_speaks_like_the_hub(hub, gpt2):
 
 
 def test_fineweb_fetches_only_the_bytes_it_needs(hub, fineweb, tmp_path, monkeypatch):
-    files, docs, per_group = fineweb
+    files, docs, _ = fineweb
     monkeypatch.setattr(D, "BATCH_CHARS", 1)      # one document per batch: read ahead by one document
     cap = n_tokens(docs[:18]) + 18                # 1.5 row groups: row groups 0 and 1 are read
     cache = str(tmp_path / "cache")
