@@ -8,19 +8,84 @@ through here.
         np.savez(f, **arrays)
     with atomic_path("data/x.parquet") as tmp:    # a path, for writers that want one
         pq.write_table(table, tmp)
+    remove_stale_temps("out")                     # at start: temporary files of dead writers
+
+A process killed outright (kill -9, a power cut) cannot remove its temporary file. So the name of
+each one says who writes it: `<name>.<host>-<pid>-<random>.tmp`, e.g.
+`latest.npz.myhost-4242-1f2e3d4c.tmp`. remove_stale_temps() deletes those of this host whose
+process has ended, and never one of a process that still runs (it may be writing it right now).
+
+New files get the usual permissions (0o666 minus the process's umask, as open() gives), not the
+0600 of tempfile.mkstemp, so that another user can read a cache or a checkpoint.
 """
 import contextlib
 import os
-import tempfile
+import re
+import secrets
+import socket
+
+# The host part of temporary names: letters, digits and '-' only, so a name parses back unambiguously.
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:40] or "host"
+_TEMP_NAME = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp$")
+
+
+def temp_path(path):
+    """Create an empty temporary file next to `path`, named for this host and process; return its path."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        tmp = f"{path}.{HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            # O_EXCL: a new file, never someone else's; mode 0o666 is reduced by the umask, as for open()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:                   # 1 in 4 billion: draw another name
+            continue
+        os.close(fd)
+        return tmp
+
+
+def _process_exists(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)                           # signal 0: no signal, only the check that pid exists
+    except ProcessLookupError:
+        return False
+    except OSError:                               # PermissionError: it exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder):
+    """Remove the temporary files in `folder` (not in its subfolders) whose writer has ended; return
+    their paths. Only names made by temp_path() are considered, only those of this host (a process
+    id means nothing on another machine that shares the folder), and a file is kept while its process
+    still runs. A process id reused since (after a reboot) merely keeps a stale file a while longer.
+    Machines or containers sharing a folder must have different host names. On Windows, where this
+    check is not available, nothing is removed."""
+    if os.name != "posix":
+        return []                                 # os.kill(pid, 0) would terminate the process there
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for name in sorted(names):
+        m = _TEMP_NAME.search(name)
+        if m is None or m["host"] != HOST or _process_exists(int(m["pid"])):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except OSError:                           # cleaned up by another process first, or not ours to remove
+            pass
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path next to `path`; renamed to `path` when the block succeeds."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:               # to disk before the rename makes it visible
