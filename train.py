@@ -43,6 +43,7 @@ from nanoternary.fast import profile
 from nanoternary.fast import step as fast
 from nanoternary.fast.optim import FastAdamW, FastEMA
 from nanoternary.fast.threads import default_workers, set_threads
+from nanoternary.fileio import FolderBusy, folder_lock, remove_stale_temps
 from nanoternary.model import Model, ModelConfig, n_hier_classes
 from nanoternary.classmap import ClassMap
 from nanoternary.optim import NorMuon, accumulate, clip_grad_norm, cosine, split_params, wsd
@@ -271,10 +272,10 @@ class Run:
 
 
 def prepare_out(cfg, resuming, overwrite):
-    """A new run must not mix with an old one's files: refuse, unless --overwrite removes them."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise CheckpointError(f"--out {cfg.out} is a file, not a folder: choose another --out")
-    os.makedirs(cfg.out, exist_ok=True)
+    """A new run must not mix with an old one's files: refuse, unless --overwrite removes them.
+    Temporary files of a killed run (a checkpoint cut short by kill -9) are removed."""
+    for path in remove_stale_temps(cfg.out):
+        print(f"removed {path}: a checkpoint that a killed run did not finish writing")
     old = [f for f in (LATEST, BEST, "log.jsonl", "loss.png") if os.path.exists(os.path.join(cfg.out, f))]
     if resuming or not old:
         return
@@ -286,6 +287,21 @@ def prepare_out(cfg, resuming, overwrite):
 
 
 def train(cfg, model_cfg, resume_from=None, show_profile=False, overwrite=False):
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise CheckpointError(f"--out {cfg.out} is a file, not a folder: choose another --out")
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            stack.enter_context(folder_lock(cfg.out, "a training run"))    # one run per --out
+        except FolderBusy as e:
+            raise CheckpointError(f"--out {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot write to --out {cfg.out} ({e.strerror or e}): choose a folder "
+                                  f"you can write to") from None
+        return _train(cfg, model_cfg, resume_from, show_profile, overwrite)
+
+
+def _train(cfg, model_cfg, resume_from, show_profile, overwrite):
     prepare_out(cfg, resume_from is not None, overwrite)
     set_threads(cfg.threads)
     run = Run(cfg, model_cfg, resume_from)
@@ -319,7 +335,8 @@ def train(cfg, model_cfg, resume_from=None, show_profile=False, overwrite=False)
     status = "finished"
     try:
         with profile.attached() if show_profile else contextlib.nullcontext():
-            while not run.done() and stop["signal"] is None:
+            last = run.done()
+            while not last and stop["signal"] is None:
                 t_step = time.time()
                 loss, mult, norm = run.train_step()
                 step_time += time.time() - t_step

@@ -60,7 +60,7 @@ def check(cfg):
         value = getattr(cfg, f.name)
         check_value(f.name, value, f.metadata.get("range"))
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             raise ValueError(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 

@@ -9,6 +9,8 @@ through here.
     with atomic_path("data/x.parquet") as tmp:    # a path, for writers that want one
         pq.write_table(table, tmp)
     remove_stale_temps("out")                     # at start: temporary files of dead writers
+    with folder_lock("out", "a training run"):    # one writer per folder, for the block's life
+        ...
 
 A process killed outright (kill -9, a power cut) cannot remove its temporary file. So the name of
 each one says who writes it: `<name>.<host>-<pid>-<random>.tmp`, e.g.
@@ -23,6 +25,12 @@ import os
 import re
 import secrets
 import socket
+import time
+
+try:
+    import fcntl                                  # POSIX; on Windows folder_lock does not lock
+except ImportError:
+    fcntl = None
 
 # The host part of temporary names: letters, digits and '-' only, so a name parses back unambiguously.
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:40] or "host"
@@ -102,3 +110,34 @@ def atomic_open(path, mode="wb"):
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
+
+
+class FolderBusy(OSError):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what):
+    """Hold an exclusive lock on `folder`/.lock for the block, so that two processes never write the
+    same run folder. The lock is the kernel's (fcntl.flock): it goes away with the process, however
+    it ends (kill -9 included), so a stale lock never blocks the next run. The file names its holder
+    (`what`, pid, host, start time) for the message the second process gets. Raises FolderBusy, or
+    OSError when the folder cannot be written."""
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a+")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise FolderBusy(f"{folder}/ is in use by {holder}: wait for it to end or stop it, "
+                                 f"or use another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        yield
+    finally:
+        f.close()                                 # closing the file releases the lock

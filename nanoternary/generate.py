@@ -344,9 +344,11 @@ class RingConv:
       - the prompt (u (1, T, C) from position 0): plain conv1d_forward; the empty ring is exactly
         the causal zero padding;
       - one new position t (u (1, 1, C)): the K inputs it reads, u_{t-(K-1-k)D} for k < K-1 from
-        the ring and u_t itself, gathered in order into (1, K, C): conv1d_forward with dilation 1
-        over those K taps gives y_t as its last output.
-    Gate and value read the same u; `commit()`, after the block, writes it into the ring.
+        the ring and u_t itself, then ops/conv.py's equation at that one position,
+            y[o] = sum_k sum_i w[o, i, k] * tap_k[g(o)*Ci + i]
+
+    Gate and value read the same u: the first call (the gate's) gathers the taps and then writes the
+    new inputs into the ring; the second (the value's) reuses the taps.
     """
 
     def __init__(self, kernel_size, dilation, channels, dtype):
@@ -354,25 +356,38 @@ class RingConv:
         self.ring = np.zeros((self.L, channels), dtype=dtype)  # row p mod L holds u_p; zeros for p < 0
         self.back = np.arange(kernel_size - 1) * dilation      # tap k < K-1 sits at row (t + kD) mod L
         self.t = 0                                             # the position of the next input
-        self.u = None
+        self.u_in = self.taps = None
 
     def __call__(self, u, w, D, G):
         # u (1,T,C), w (C_out, C/G, K) -> y (1,T,C_out), cache: as conv1d_forward
-        self.u = u[0]
-        if u.shape[1] > 1 or self.L == 0:
-            assert self.t == 0 or self.L == 0, "a prompt of several tokens starts at position 0"
+        C_out, Ci, K = w.shape
+        first = u is not self.u_in
+        self.u_in = u
+        if u.shape[1] > 1:                                     # the prompt, from position 0
+            if first:
+                assert self.t == 0, "a prompt of several tokens starts at position 0"
+                self._write(u[0])
             return conv1d_forward(u, w, D, G)
-        taps = np.concatenate((self.ring[(self.t + self.back) % self.L], self.u))     # (K, C)
-        y, cache = conv1d_forward(taps[None], w, 1, G)
-        return y[:, -1:], cache
+        if first:
+            taps = np.concatenate((self.ring[(self.t + self.back) % self.L], u[0])) if self.L else u[0]
+            # (K, C) -> (G, Ci*K, 1): group g's inputs i at every tap k, ordered like w's (i, k)
+            self.taps = taps.reshape(K, G, Ci).transpose(1, 2, 0).reshape(G, Ci * K, 1)
+            self._write(u[0])
+        y = np.matmul(w.reshape(G, C_out // G, Ci * K), self.taps)       # (G, Co, 1): the sum over i, k
+        return y.reshape(1, 1, C_out), None
 
-    def commit(self):
-        """The inputs just read become history: the last L of them go to their ring rows."""
-        T = self.u.shape[0]
+    def _write(self, u):
+        # u (T, C): the inputs at positions t .. t+T-1 become history; the last L go to their rows
+        T = u.shape[0]
         if self.L:
             p = np.arange(max(0, T - self.L), T)
-            self.ring[(self.t + p) % self.L] = self.u[p]
+            self.ring[(self.t + p) % self.L] = u[p]
         self.t += T
+
+    def reset(self):
+        self.ring[:] = 0
+        self.t = 0
+        self.u_in = self.taps = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,8 +471,6 @@ class Generator:
         x = self._embed(ids)[None]                                           # (1, T, C)
         for r in range(self.cfg.n_recursions):
             x, _ = block_forward(x, self.p, self.q, self.cfg, convs=self.rings[r])
-        for ring in (ring for rings in self.rings for ring in rings):
-            ring.commit()
         h, _ = rmsnorm_forward(x, self.p["norm_f.g"])
         self.pos += len(ids)
         return h[0]
@@ -471,8 +484,7 @@ class Generator:
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
         for ring in (ring for rings in self.rings for ring in rings):
-            ring.ring[:] = 0
-            ring.t = 0
+            ring.reset()
         self.pos = 0
         return self._forward(ids)
 
