@@ -36,16 +36,16 @@ import numpy as np
 
 from nanoternary import config, runlog
 from nanoternary.checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_optimizers,
-                                    optimizers_state, save_checkpoint)
+                                    optimizers_state, run_folder, save_checkpoint)
+from nanoternary.classmap import ClassMap
 from nanoternary.config import setting
 from nanoternary.data import DataError, get_batch, prepare, val_windows
-from nanoternary.fast import profile
+from nanoternary.fast import dist, profile
 from nanoternary.fast import step as fast
+from nanoternary.fast.dist import GradBuffer
 from nanoternary.fast.optim import FastAdamW, FastEMA
-from nanoternary.fast.threads import default_workers, set_threads
-from nanoternary.fileio import FolderBusy, folder_lock, remove_stale_temps
+from nanoternary.fast.threads import available_cores, default_workers, set_threads
 from nanoternary.model import Model, ModelConfig, n_hier_classes
-from nanoternary.classmap import ClassMap
 from nanoternary.optim import NorMuon, accumulate, clip_grad_norm, cosine, split_params, wsd
 
 
@@ -60,7 +60,8 @@ class TrainConfig:
     val_fraction: float = setting(0.05, "documents held out for validation [0.05]", range="(0, 1)")
     data_seed: int = setting(0, "seeds the train/validation split (not --seed: the same split for any run)",
                              range="[0, inf)")
-    batch_size: int = setting(8, "sequences per micro-batch", range="[1, inf)", group="batches")
+    batch_size: int = setting(8, "sequences per micro-batch, of all processes together (under mpiexec each "
+                              "takes an equal part)", range="[1, inf)", group="batches")
     seq_len: int = setting(256, "tokens per sequence (and per validation window)", range="[1, inf)")
     curriculum: tuple = setting((), "sequence lengths over the run, e.g. 64,128,256,512 [that]: equal "
                                 "parts of the run, constant tokens per step (default: --seq-len throughout)",
@@ -97,7 +98,10 @@ class TrainConfig:
     out: str = setting("out", "run folder")
     seed: int = setting(0, "seeds the init, the batches and the counted positions", range="[0, inf)",
                         group="machine")
-    threads: int = setting(0, "cores to use (batch shards in parallel), 0: all", range="[0, inf)")
+    threads: int = setting(0, "cores each process uses (batch shards in parallel), 0: all (under mpiexec: "
+                           "the machine's cores shared by its processes)", range="[0, inf)")
+    dtype: str = setting("float32", "float type of the weights and the step (float64: exact comparisons)",
+                         choices=("float32", "float64"))
 
     def __post_init__(self):
         self.curriculum = tuple(self.curriculum)
@@ -118,42 +122,46 @@ def fmt_time(seconds):
 
 
 class Run:
-    """The state of a run, and what it does at each step."""
+    """The state of a run, and what it does at each step. `comm` (fast/dist.py) is the job's
+    processes: one, or several under mpiexec, which then train one model on a batch split between
+    them; rank 0 alone prints, logs and writes checkpoints."""
 
-    def __init__(self, cfg, model_cfg, resume_from=None):
-        self.cfg = cfg
-        self.data = prepare(cfg.data, max_tokens=cfg.data_tokens, val_fraction=cfg.val_fraction,
-                            seed=cfg.data_seed)
+    def __init__(self, cfg, model_cfg, comm, resume_from=None):
+        self.cfg, self.comm = cfg, comm
+        for first in (True, False):                       # the token cache is built once, by rank 0
+            if (comm.rank == 0) == first:
+                self.data = prepare(cfg.data, max_tokens=cfg.data_tokens, val_fraction=cfg.val_fraction,
+                                    seed=cfg.data_seed)
+            if first:
+                comm.barrier()
         if len(self.data.val) < cfg.seq_len + 1:
             raise DataError(f"the validation split of {self.data.path} has {len(self.data.val)} tokens, "
                             f"fewer than one window of {cfg.seq_len + 1}: use more data or a larger --val-fraction")
         self.val_bytes_per_token = self.data.meta["val_bytes"] / max(1, self.data.meta["val_tokens"])
-        self.step, self.tokens, self.elapsed_before, self.best_val = 0, 0, 0.0, math.inf
+        self.step, self.tokens, self.elapsed_before, self.best_val, self.clock = 0, 0, 0.0, math.inf, 0.0
         self.rng = np.random.default_rng(cfg.seed)            # batches
-        if resume_from:
-            self.model = Model.load(resume_from)
-            self._resume_state(resume_from)
-        else:
-            self._new_model(model_cfg)
-        muon_names, adam_names = split_params(self.model.params)
-        self.muon = NorMuon({k: self.model.params[k] for k in muon_names}, lr=cfg.lr_muon)
-        self.adam = FastAdamW({k: self.model.params[k] for k in adam_names}, lr=cfg.lr_adam,
-                              weight_decay=cfg.weight_decay)
-        self.ema = FastEMA(self.model.params, cfg.ema) if cfg.ema else None
-        if resume_from:
-            load_optimizers(resume_from, self.optimizers())
+        if comm.rank == 0:
+            if resume_from:
+                self.set_state(*load_checkpoint(resume_from), where=resume_from)
+            else:
+                self.new_model(model_cfg)
+        if comm.size > 1:                                     # every rank starts from rank 0's state
+            state = comm.bcast(self.state() if comm.rank == 0 else None)
+            if comm.rank:
+                self.set_state(*state, where="rank 0's state")
         n_windows = max(1, cfg.eval_tokens // cfg.seq_len)
         self.val_set = val_windows(self.data.val, min(cfg.batch_size, n_windows), cfg.seq_len,
                                    max(1, n_windows // cfg.batch_size), seed=cfg.seed)
+        self.grad_buffer = None
 
     # -------------------------------------------------------------------- model and state
 
-    def _new_model(self, model_cfg):
+    def new_model(self, model_cfg):
         class_map = None
         if model_cfg.head == "hier":                          # classes by the training tokens' counts
             counts = np.bincount(np.asarray(self.data.train), minlength=model_cfg.vocab_size)
             class_map = ClassMap.from_counts(counts, n_hier_classes(model_cfg))
-        self.model = Model(model_cfg, seed=self.cfg.seed, class_map=class_map)
+        self.model = Model(model_cfg, seed=self.cfg.seed, class_map=class_map, dtype=self.cfg.dtype)
         self.embed_source = "random"
         if self.cfg.embed_init == "gpt2":
             from nanoternary.gpt2_embed import load_gpt2_embedding
@@ -164,30 +172,20 @@ class Run:
         self.freeze_steps = self.cfg.freeze_embed_steps
         if self.freeze_steps < 0:
             self.freeze_steps = 1000 if self.embed_source == "gpt2" else 0
+        self.make_optimizers()
 
-    def _resume_state(self, path):
-        meta = self.model.meta
-        if meta.get("data", {}).get("key") != self.data.meta["key"]:
-            raise CheckpointError(
-                f"{path} was trained on {meta.get('data', {}).get('path')} but this run's data is "
-                f"{self.data.path}: resume with the same --data (and --data-tokens, --val-fraction, --data-seed)")
-        self.step, self.tokens, self.elapsed_before = meta["step"], meta["tokens"], meta["elapsed"]
-        self.best_val = math.inf if meta.get("best_val") is None else meta["best_val"]
-        self.embed_source, self.freeze_steps = meta["embed_source"], meta["freeze_steps"]
-        self.rng.bit_generator.state = meta["rng"]
-        self.model.rng.bit_generator.state = meta["model_rng"]
+    def make_optimizers(self):
+        cfg, params = self.cfg, self.model.params
+        muon_names, adam_names = split_params(params)
+        self.muon = NorMuon({k: params[k] for k in muon_names}, lr=cfg.lr_muon)
+        self.adam = FastAdamW({k: params[k] for k in adam_names}, lr=cfg.lr_adam, weight_decay=cfg.weight_decay)
+        self.ema = FastEMA(params, cfg.ema) if cfg.ema else None
 
     def optimizers(self):
         return {"muon": self.muon, "adamw": self.adam, **({"ema": self.ema} if self.ema else {})}
 
-    def save(self, name=LATEST, val_loss=None):
-        """latest.npz: everything needed to resume. best.npz: the weights that scored `val_loss`
-        (with --ema, the averaged ones) and the same state. Only finite weights are ever written."""
-        params = self.model.params if name == LATEST or self.ema is None else self.ema.shadow
-        bad = [k for k, v in params.items() if not np.isfinite(v).all()]
-        if bad:
-            raise Stop(f"step {self.step}: {bad[0]} holds NaN or infinite values (the learning rate is "
-                       f"probably too high); not saving over the last checkpoint")
+    def state(self, val_loss=None):
+        """(params, meta, optimizer state, class map): what a checkpoint holds (checkpoint.py)."""
         meta = {
             "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg),
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
@@ -197,15 +195,48 @@ class Run:
             "data": {"key": self.data.meta["key"], "path": self.data.path,
                      "source": self.data.meta["source"], "train_tokens": self.data.meta["train_tokens"]},
         }
-        if params is not self.model.params:
-            meta["weights"] = "ema"
-        cmap = self.model.hier.state() if self.model.hier is not None else None
-        save_checkpoint(os.path.join(self.cfg.out, name), params, meta, optimizers_state(self.optimizers()), cmap)
+        cmap = self.model.hier.state() if self.model.hier is not None else {}
+        return self.model.params, meta, optimizers_state(self.optimizers()), cmap
+
+    def set_state(self, params, meta, opt_state, cmap_state, where):
+        """The run as a checkpoint (or rank 0) left it: weights, optimizers, counters, generators."""
+        if meta.get("data", {}).get("key") != self.data.meta["key"]:
+            raise CheckpointError(
+                f"{where} was trained on {meta.get('data', {}).get('path')} but this run's data is "
+                f"{self.data.path}: resume with the same --data (and --data-tokens, --val-fraction, --data-seed)")
+        self.model = Model.from_state(params, meta, cmap_state, where)
+        self.step, self.tokens, self.elapsed_before = meta["step"], meta["tokens"], meta["elapsed"]
+        self.best_val = math.inf if meta.get("best_val") is None else meta["best_val"]
+        self.embed_source, self.freeze_steps = meta["embed_source"], meta["freeze_steps"]
+        self.rng.bit_generator.state = meta["rng"]
+        self.model.rng.bit_generator.state = meta["model_rng"]
+        self.make_optimizers()
+        load_optimizers(opt_state, self.optimizers(), where)
+
+    def save(self, name=LATEST, val_loss=None):
+        """latest.npz: everything needed to resume. best.npz: the weights that scored `val_loss`
+        (with --ema, the averaged ones) and the same state. Only finite weights are ever written
+        (every rank checks, so that all stop together)."""
+        params, meta, opt, cmap = self.state(val_loss)
+        if name == BEST and self.ema is not None:
+            params, meta["weights"] = self.ema.shadow, "ema"
+        bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+        if bad:
+            raise Stop(f"step {self.step}: {bad[0]} holds NaN or infinite values (the learning rate is "
+                       f"probably too high); not saving over the last checkpoint")
+        if self.comm.rank == 0:
+            save_checkpoint(os.path.join(self.cfg.out, name), params, meta, opt, cmap)
 
     # -------------------------------------------------------------------- the loop
 
+    def sync(self, stop=False):
+        """Agree on the clock and on a Ctrl-C: rank 0's, on every rank (their clocks differ, and the
+        learning rate, the stop and the last step must be the same everywhere). -> stop."""
+        self.clock, stop = self.comm.bcast((time.time() - self.t0, stop))
+        return stop
+
     def elapsed(self):
-        return self.elapsed_before + (time.time() - self.t0 if hasattr(self, "t0") else 0.0)
+        return self.elapsed_before + self.clock
 
     def progress(self):
         """Fraction of the run done: the largest of steps, tokens and wall clock used."""
@@ -218,22 +249,31 @@ class Run:
         return max(p) if p else 0.0
 
     def train_step(self):
-        cfg, model = self.cfg, self.model
+        cfg, model, comm = self.cfg, self.model, self.comm
         progress = self.progress()
         lengths = cfg.curriculum or (cfg.seq_len,)                 # equal parts of the run, one per length
         T = lengths[min(int(progress * len(lengths)), len(lengths) - 1)]
         B = max(1, cfg.batch_size * cfg.seq_len // T)              # constant tokens per step
+        b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size    # this process's sequences
         train_embed = self.step >= self.freeze_steps
         loss_frac = cfg.loss_frac if cfg.loss_frac is not None else (0.25 if model.cfg.head == "full" else 1.0)
         loss, grads = 0.0, {}
         for _ in range(cfg.grad_accum):                            # the mean over micro-batches
-            x, y = get_batch(self.data.train, B, T, self.rng)
-            l, g = fast.loss_and_grads(model, x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                                       loss_frac=loss_frac, train_embed=train_embed)
-            if not math.isfinite(l):
-                raise Stop(f"step {self.step + 1}: the training loss is {l}")
+            x, y = get_batch(self.data.train, B, T, self.rng)      # the whole batch, the same on every rank
+            rows = model.counted_rows(B * T, loss_frac)            # positions in the loss, of the whole batch
+            mine = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
+            l, g = fast.part_loss_and_grads(model, x[b0:b1], y[b0:b1], mine, B * T if rows is None else rows.size,
+                                            label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                                            train_embed=train_embed)
             loss += l / cfg.grad_accum
             grads = g if cfg.grad_accum == 1 else accumulate(grads, g, 1.0 / cfg.grad_accum)
+        if comm.size > 1:                                          # the sum over processes: one Allreduce
+            if self.grad_buffer is None or not self.grad_buffer.fits(grads):
+                self.grad_buffer = GradBuffer(grads)
+            with profile.section("allreduce"):
+                grads, (loss,) = self.grad_buffer.allreduce(comm, grads, [loss])
+        if not math.isfinite(loss):
+            raise Stop(f"step {self.step + 1}: the training loss is {loss}")
         norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else None
         if norm is not None and not math.isfinite(norm):
             raise Stop(f"step {self.step + 1}: the gradient norm is {norm}")
@@ -246,14 +286,18 @@ class Run:
                 self.ema.update(model.params)
         self.step += 1
         self.tokens += cfg.grad_accum * B * T
-        return loss, mult, norm
+        return float(loss), mult, norm
 
     def evaluate(self):
         """Mean NLL (nats/token, no smoothing) over the fixed validation windows, and bits per byte:
         the NLL in bits divided by the validation split's bytes per token (its UTF-8 text bytes over
-        its tokens, separators included), so the windows stand for the whole split."""
+        its tokens, separators included), so the windows stand for the whole split. The processes
+        share the windows."""
         def nll():
-            return float(np.mean([fast.loss(self.model, x, y) for x, y in self.val_set]))
+            part = [fast.nll(self.model, x, y) for x, y in self.val_set[self.comm.rank::self.comm.size]]
+            total = np.array([sum(p.sum() for p in part), sum(p.size for p in part)], dtype=np.float64)
+            total = self.comm.allreduce_(total)
+            return float(total[0] / total[1])
         with profile.paused():                                   # --profile measures training steps only
             if self.ema is not None:
                 with self.ema.swapped(self.model.params):
@@ -271,52 +315,32 @@ class Run:
 # ------------------------------------------------------------------------------------ main
 
 
-def prepare_out(cfg, resuming, overwrite):
-    """A new run must not mix with an old one's files: refuse, unless --overwrite removes them.
-    Temporary files of a killed run (a checkpoint cut short by kill -9) are removed."""
-    for path in remove_stale_temps(cfg.out):
-        print(f"removed {path}: a checkpoint that a killed run did not finish writing")
-    old = [f for f in (LATEST, BEST, "log.jsonl", "loss.png") if os.path.exists(os.path.join(cfg.out, f))]
-    if resuming or not old:
-        return
-    if not overwrite:
-        raise CheckpointError(f"{cfg.out}/ already holds a run ({', '.join(old)}): continue it with "
-                              f"--resume, start over with --overwrite, or choose another --out")
-    for f in old:
-        os.remove(os.path.join(cfg.out, f))
+def train(cfg, model_cfg, resume_from=None, show_profile=False, overwrite=False, comm=None):
+    comm = comm or dist.world()
+    with run_folder(cfg.out, resume_from is not None, overwrite) if comm.rank == 0 else contextlib.nullcontext():
+        comm.barrier()                                     # rank 0 holds --out (locked: one run per --out)
+        return _train(cfg, model_cfg, comm, resume_from, show_profile)
 
 
-def train(cfg, model_cfg, resume_from=None, show_profile=False, overwrite=False):
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise CheckpointError(f"--out {cfg.out} is a file, not a folder: choose another --out")
-    with contextlib.ExitStack() as stack:
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            stack.enter_context(folder_lock(cfg.out, "a training run"))    # one run per --out
-        except FolderBusy as e:
-            raise CheckpointError(f"--out {e}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot write to --out {cfg.out} ({e.strerror or e}): choose a folder "
-                                  f"you can write to") from None
-        return _train(cfg, model_cfg, resume_from, show_profile, overwrite)
-
-
-def _train(cfg, model_cfg, resume_from, show_profile, overwrite):
-    prepare_out(cfg, resume_from is not None, overwrite)
+def _train(cfg, model_cfg, comm, resume_from, show_profile):
     set_threads(cfg.threads)
-    run = Run(cfg, model_cfg, resume_from)
-    model, log_path = run.model, os.path.join(cfg.out, "log.jsonl")
+    run = Run(cfg, model_cfg, comm, resume_from)
+    model = run.model
+    log_path = os.path.join(cfg.out, "log.jsonl") if comm.rank == 0 else None     # rank 0 alone writes
     if resume_from:
-        runlog.trim(log_path, run.step)
+        if log_path:
+            runlog.trim(log_path, run.step)
         print(f"resuming {resume_from} at step {run.step:,} ({run.tokens:,} tokens, {fmt_time(run.elapsed_before)})")
     print(f"data: {run.data.meta['source']} | train {len(run.data.train):,} tokens | "
           f"val {len(run.data.val):,} tokens | {run.data.path}")
     print(f"model: {model.param_counts()['total']:,} parameters | head {model.cfg.head} | "
           f"embedding {run.embed_source} (frozen for {run.freeze_steps} steps) | "
-          f"{default_workers()} thread(s)")
+          + (f"{comm.size} processes x " if comm.size > 1 else "") + f"{default_workers()} thread(s)")
+    if comm.size > 1:
+        print("processes: " + ", ".join(f"rank {r} pid {pid} on {host}" for r, (host, pid) in enumerate(comm.hosts)))
     print(f"run: batch {cfg.batch_size} x {cfg.seq_len} x accum {cfg.grad_accum} | "
           f"max {cfg.max_steps or '-'} steps, {cfg.max_tokens or '-'} tokens, "
-          f"{str(cfg.time_budget) + ' min' if cfg.time_budget else '-'} | out {cfg.out}/")
+          f"{str(cfg.time_budget) + ' min' if cfg.time_budget else '-'} | out {cfg.out}/", flush=True)
 
     stop = {"signal": None}
 
@@ -335,12 +359,14 @@ def _train(cfg, model_cfg, resume_from, show_profile, overwrite):
     status = "finished"
     try:
         with profile.attached() if show_profile else contextlib.nullcontext():
+            stopped = run.sync(stop["signal"] is not None)
             last = run.done()
-            while not last and stop["signal"] is None:
+            while not last and not stopped:
                 t_step = time.time()
                 loss, mult, norm = run.train_step()
                 step_time += time.time() - t_step
                 steps_timed += 1
+                stopped = run.sync(stop["signal"] is not None)
                 last = run.done()                  # decided once: the final step logs, evaluates, saves
                 rec = None
                 if run.step % cfg.log_interval == 0 or run.step == 1 or last:
@@ -364,25 +390,26 @@ def _train(cfg, model_cfg, resume_from, show_profile, overwrite):
                     if last_val < run.best_val:
                         run.best_val = last_val
                         run.save(BEST, last_val)
-                if rec:
+                if rec and log_path:
                     runlog.append(log_path, rec)
                 if run.step % cfg.save_interval == 0 or last:
                     run.save(LATEST, last_val)
-                    if "val_loss" in (rec or {}):
+                    if "val_loss" in (rec or {}) and log_path:
                         runlog.plot(cfg.out)
-            if stop["signal"] is not None:
+            if stopped:
                 run.save(LATEST, last_val)
-                status = f"stopped by {stop['signal']}"
+                status = f"stopped by {stop['signal'] or 'a Ctrl-C on rank 0'}"
             shares = profile.shares()
     except Stop as e:
         last = os.path.join(cfg.out, LATEST)
         kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved"
-        print(f"error: {e}; stopping ({kept})", file=sys.stderr)
+        if comm.rank == 0:
+            print(f"error: {e}; stopping ({kept})", file=sys.stderr)
         return 1
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    png = runlog.plot(cfg.out) if os.path.exists(log_path) else None
+    png = runlog.plot(cfg.out) if log_path and os.path.exists(log_path) else None
     saved = [f"{cfg.out}/{f}" for f in (LATEST, BEST) if os.path.exists(os.path.join(cfg.out, f))]
     print(f"{status}: {run.step:,} steps, {run.tokens:,} tokens in {fmt_time(run.elapsed())}"
           + (f" | best val loss {run.best_val:.4f}" if math.isfinite(run.best_val) else "")
@@ -416,10 +443,7 @@ def config_from_args(argv=None):
     """-> (TrainConfig, ModelConfig, resume path or None, profile flag, overwrite flag). On --resume
     the saved configs are used; only the flags in CHANGEABLE may differ from them."""
     args = build_parser().parse_args(argv)
-    bare = build_parser()                         # parse again without defaults: the flags given
-    for action in bare._actions:                  # on the command line, however they were spelled
-        action.default = argparse.SUPPRESS
-    given = set(vars(bare.parse_args(argv))) - {"resume", "profile", "overwrite"}
+    given = config.given_flags(build_parser(), argv) - {"resume", "profile", "overwrite"}
     if not args.resume:
         if args.max_steps is None:
             args.max_steps = 0 if (args.time_budget or args.max_tokens) else 4000
@@ -445,15 +469,46 @@ def config_from_args(argv=None):
 
 
 def main(argv=None):
+    comm = None
     try:
-        cfg, model_cfg, resume, show_profile, overwrite = config_from_args(argv)
-        return train(cfg, model_cfg, resume, show_profile, overwrite)
+        comm = dist.world()                   # the processes mpiexec started, or just this one
+        if comm.rank:
+            sys.stdout = open(os.devnull, "w")                 # rank 0 alone prints
+        try:                                  # rank 0 reads the settings (and the checkpoint to resume)
+            got = ("ok", config_from_args(argv)) if comm.rank == 0 else None
+        except (DataError, CheckpointError, ValueError, OSError) as e:
+            got = ("error", str(e))
+        status, got = comm.bcast(got)
+        if status == "error":
+            if comm.rank == 0:
+                print(f"error: {got}", file=sys.stderr)
+            return 1
+        cfg, model_cfg, resume, show_profile, overwrite = got
+        for T in cfg.curriculum or (cfg.seq_len,):
+            if (cfg.batch_size * cfg.seq_len // T) % comm.size:
+                raise ValueError(f"--batch-size {cfg.batch_size} (the batch of all processes together) does not "
+                                 f"split into {comm.size} equal parts" + (f" at sequence length {T}" if cfg.curriculum
+                                 else "") + f": use a multiple of {comm.size}")
+        if comm.size > 1 and not cfg.threads:                  # the machine's cores, shared by its processes
+            cfg.threads = max(1, available_cores() // comm.local_size)
+        return train(cfg, model_cfg, resume, show_profile, overwrite, comm)
     except (DataError, CheckpointError, ValueError, OSError) as e:    # OSError: e.g. --out cannot be made
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        if comm is None or comm.size == 1:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        comm.abort(f"error on rank {comm.rank}: {e}; stopping all {comm.size} processes")
     except KeyboardInterrupt:                  # before training started, or a second Ctrl-C
         print("\ninterrupted: stopped at once; checkpoints already saved are intact", file=sys.stderr)
+        if comm is not None and comm.size > 1:
+            comm.abort(f"rank {comm.rank}: interrupted; stopping all {comm.size} processes", 130)
         return 130
+    except Exception as e:                     # a bug, or the machine: with several processes, end them all
+        if comm is None or comm.size == 1:
+            raise
+        import traceback
+        traceback.print_exc()
+        comm.abort(f"rank {comm.rank} failed ({type(e).__name__}: {e}); stopping all {comm.size} processes; "
+                   f"the last checkpoint is intact: continue with --resume")
 
 
 if __name__ == "__main__":

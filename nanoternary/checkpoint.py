@@ -15,13 +15,14 @@ a crash or a full disk in the middle leaves the previous checkpoint as it was. O
 catch a truncated or corrupted file, and the config is checked against the arrays, so a damaged
 or foreign file gives a CheckpointError that says what is wrong instead of a model with garbage.
 """
+import contextlib
 import json
 import os
 import zipfile
 
 import numpy as np
 
-from .fileio import atomic_open
+from .fileio import FolderBusy, atomic_open, folder_lock, remove_stale_temps
 
 FORMAT = "nanoternary-checkpoint-1"
 LATEST, BEST = "latest.npz", "best.npz"
@@ -42,6 +43,37 @@ def save_checkpoint(path, params, meta, opt_state=None, class_map=None):
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_open(path) as f:                    # a full disk, Ctrl-C: the old file stays as it was
         np.savez(f, **arrays)
+
+
+RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png")
+
+
+@contextlib.contextmanager
+def run_folder(out, resuming=False, overwrite=False):
+    """The run folder `out`, held for the block: made if needed, locked so that a second run on it
+    refuses (fileio.folder_lock), the temporary files of a killed run removed. A new run refuses a
+    folder that holds another run's files, unless `overwrite` (then they are removed first)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out} is a file, not a folder: choose another --out")
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(out, exist_ok=True)
+            stack.enter_context(folder_lock(out, "a training run"))
+        except FolderBusy as e:
+            raise CheckpointError(f"--out {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot write to --out {out} ({e.strerror or e}): choose a folder "
+                                  f"you can write to") from None
+        for path in remove_stale_temps(out):
+            print(f"removed {path}: a checkpoint that a killed run did not finish writing")
+        old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        if old and not resuming:
+            if not overwrite:
+                raise CheckpointError(f"{out}/ already holds a run ({', '.join(old)}): continue it with "
+                                      f"--resume, start over with --overwrite, or choose another --out")
+            for f in old:
+                os.remove(os.path.join(out, f))
+        yield out
 
 
 def resolve(path):
@@ -144,14 +176,14 @@ def optimizers_state(optimizers):
     return {f"{name}/{k}": v for name, o in optimizers.items() for k, v in optimizer_state(o).items()}
 
 
-def load_optimizers(path, optimizers):
-    """Restore every optimizer of {"muon": NorMuon, ...} from the checkpoint `path`."""
-    _, _, state, _ = load_checkpoint(path)
+def load_optimizers(state, optimizers, where):
+    """Restore every optimizer of {"muon": NorMuon, ...} from a checkpoint's optimizer state (the
+    third part of load_checkpoint's answer); `where` names the checkpoint in errors."""
     for name, o in optimizers.items():
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
         if not part:
-            raise CheckpointError(f"{path} has no {name} state to resume from")
-        load_optimizer_state(o, part, path)
+            raise CheckpointError(f"{where} has no {name} state to resume from")
+        load_optimizer_state(o, part, where)
 
 
 def load_optimizer_state(opt, d, where="checkpoint"):

@@ -101,3 +101,11 @@ def from_args(cls, args, **override):
     """An instance of `cls` from the parsed arguments (its fields only), with `override` on top."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags actually on the command line (however they were spelled:
+    --max-steps=5, a prefix, ...): `parser` parses again with every default suppressed."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))

@@ -145,26 +145,29 @@ def quantize(params, cfg):
 # times with the same weights, so each application's gradients are summed there.
 
 
-def block_forward(x, p, q, cfg, convs=None):
+def block_forward(x, p, q, cfg, convs=None, layers=None):
     # x (B,T,C) -> x (B,T,C), cache: one application of the weight-shared block
-    """x = x + ConvMixer(RMSNorm(x)); x = x + TernaryGLU(RMSNorm(x)). `convs`: see mixer_forward."""
+    """x = x + ConvMixer(RMSNorm(x)); x = x + TernaryGLU(RMSNorm(x)). `convs`: see mixer_forward.
+    `layers`: the (mixer, glu) functions to run, default this file's (fast/layers.py has fused ones)."""
+    mixer, glu = layers or (mixer_forward, glu_forward)
     h, c_norm_mix = rmsnorm_forward(x, p["block.norm_mix.g"])
-    m, c_mix = mixer_forward(h, p, q, cfg, convs)
+    m, c_mix = mixer(h, p, q, cfg, convs)
     x = x + m                                                            # residual
     u, c_norm_glu = rmsnorm_forward(x, p["block.norm_glu.g"])
-    d, c_glu = glu_forward(u, q)
+    d, c_glu = glu(u, q)
     x = x + d                                                            # residual
     return x, (c_norm_mix, c_mix, c_norm_glu, c_glu)
 
 
-def block_backward(dx, cache, cfg, grads):
+def block_backward(dx, cache, cfg, grads, layers=None):
     # dx (B,T,C) -> dx (B,T,C): block_forward reversed
+    mixer_back, glu_back = layers or (mixer_backward, glu_backward)
     c_norm_mix, c_mix, c_norm_glu, c_glu = cache
-    du = glu_backward(dx, c_glu, grads)                                  # x = x + d, d = glu(u)
+    du = glu_back(dx, c_glu, grads)                                      # x = x + d, d = glu(u)
     dxn, dg = rmsnorm_backward(du, c_norm_glu)
     grads["block.norm_glu.g"] += dg
     dx = dx + dxn                                                        # x reached the output twice
-    dh = mixer_backward(dx, c_mix, cfg, grads)                           # x = x + m, m = mixer(h)
+    dh = mixer_back(dx, c_mix, cfg, grads)                               # x = x + m, m = mixer(h)
     dxn, dg = rmsnorm_backward(dh, c_norm_mix)
     grads["block.norm_mix.g"] += dg
     return dx + dxn
@@ -178,27 +181,27 @@ def mixer_forward(h, p, q, cfg, convs=None):
     B, T, C = h.shape
     convs = convs or [conv1d_forward] * len(cfg.dilations)
     G = cfg.conv_groups
-    layers = []
+    caches = []
     for i, D in enumerate(cfg.dilations):
         u, c_norm = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
         a, c_gate = convs[i](u, p[f"block.mix.conv{i}.gate.w"], D, G)
         v, c_value = convs[i](u, p[f"block.mix.conv{i}.value.w"], D, G)
         z, c_sig = sigmoid_gate_forward(a, v)
         h = h + z                                    # residual
-        layers.append((c_norm, c_gate, c_value, c_sig))
+        caches.append((c_norm, c_gate, c_value, c_sig))
     m, c_out = ternary_linear_forward(h.reshape(B * T, C), *q["block.mix.out.w"])
-    return m.reshape(B, T, C), (layers, c_out)
+    return m.reshape(B, T, C), (caches, c_out)
 
 
 def mixer_backward(dm, cache, cfg, grads):
     # dm (B,T,C) -> dh (B,T,C): mixer_forward reversed
-    layers, c_out = cache
+    caches, c_out = cache
     B, T, C = dm.shape
     dh, dwt = ternary_linear_backward(dm.reshape(B * T, C), c_out)
     grads["block.mix.out.w"] += ternary_ste_backward(dwt)
     dh = dh.reshape(B, T, C)
-    for i in reversed(range(len(layers))):
-        c_norm, c_gate, c_value, c_sig = layers[i]
+    for i in reversed(range(len(caches))):
+        c_norm, c_gate, c_value, c_sig = caches[i]
         da, dv = sigmoid_gate_backward(dh, c_sig)    # h = h + z: dz = dh, and dh flows on
         du, dw = conv1d_backward(dv, c_value)
         grads[f"block.mix.conv{i}.value.w"] += dw
@@ -268,8 +271,8 @@ class Model:
         loss, c_head = self.head_forward(h, y, label_smoothing, z_loss)
         return loss, (c_body, c_head, rows, N)
 
-    def body_forward(self, idx):
-        # idx (B,T) int -> h (B*T, C), cache: everything before the head
+    def body_forward(self, idx, layers=None):
+        # idx (B,T) int -> h (B*T, C), cache: everything before the head (`layers`: block_forward's)
         p, cfg = self.params, self.cfg
         idx = self.check_ids(idx)
         B, T = idx.shape
@@ -277,7 +280,7 @@ class Model:
         x, c_embed = embedding_forward(idx, p["embed.w"])
         c_blocks = []
         for _ in range(cfg.n_recursions):                                  # the SAME weights each time
-            x, c = block_forward(x, p, q, cfg)
+            x, c = block_forward(x, p, q, cfg, layers=layers)
             c_blocks.append(c)
         h, c_norm = rmsnorm_forward(x, p["norm_f.g"])
         return h.reshape(B * T, cfg.d_model), (c_embed, c_blocks, c_norm)
@@ -310,7 +313,7 @@ class Model:
         dh, dE, dWc = hier_ce_backward(1.0, cache)
         return dh, {"embed.w": dE, "head.class_w": dWc}
 
-    def body_backward(self, dh, cache):
+    def body_backward(self, dh, cache, layers=None):
         # dh (B*T, C) -> grads of the core (every parameter but embed.w and the head's),
         #                dx (B,T,C) the gradient at the embedding's output (for embedding_backward)
         """body_forward reversed."""
@@ -318,7 +321,7 @@ class Model:
         grads = {k: np.zeros_like(v) for k, v in self.params.items() if k.startswith("block.")}
         dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(c_norm[0].shape), c_norm)
         for c in reversed(c_blocks):
-            dx = block_backward(dx, c, self.cfg, grads)                   # gradients summed in grads
+            dx = block_backward(dx, c, self.cfg, grads, layers)           # gradients summed in grads
         return grads, dx
 
     # ------------------------------------------------------------------ the interface
@@ -401,16 +404,21 @@ class Model:
         saved dtype unless `dtype` is given; its JSON metadata in `model.meta`."""
         path = resolve(path)
         params, meta, _, cmap_state = load_checkpoint(path)
+        return cls.from_state(params, meta, cmap_state, path, dtype)
+
+    @classmethod
+    def from_state(cls, params, meta, cmap_state, where, dtype=None):
+        """A model from what a checkpoint holds (checkpoint.load_checkpoint), checked; `where` names
+        it in errors."""
         try:
             cfg = ModelConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: its model config is missing or invalid ({e})") from None
-        check_params(params, param_shapes(cfg), path)
-        class_map = ClassMap.from_checkpoint(cmap_state, cfg.vocab_size, n_hier_classes(cfg), path) \
+            raise CheckpointError(f"{where}: its model config is missing or invalid ({e})") from None
+        check_params(params, param_shapes(cfg), where)
+        class_map = ClassMap.from_checkpoint(cmap_state, cfg.vocab_size, n_hier_classes(cfg), where) \
             if cfg.head == "hier" else None
         model = cls(cfg, seed=0, dtype=dtype or next(iter(params.values())).dtype, class_map=class_map)
         for k, v in params.items():
             model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
         model.meta = meta
         return model
-

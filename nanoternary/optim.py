@@ -154,21 +154,21 @@ class NorMuon:
     def step(self, params, grads, lr=None):
         """Update the owned params in place. lr overrides the base lr (for schedules)."""
         lr = float(self.lr if lr is None else lr)
-        mu, b2 = self.momentum, self.beta2
         for k in self.names:
-            g = grads.get(k)
-            if g is None:
-                continue
-            p, m, v = params[k], self.m[k], self.v[k]
-            self.t[k] += 1
-            m *= mu
-            m += (1.0 - mu) * g                                 # momentum, not Nesterov
-            O = newton_schulz5(m, self.ns_steps)
-            v *= b2
-            v += (1.0 - b2) * np.mean(O * O, axis=1)            # per-row second moment
-            O /= (np.sqrt(v) + self.eps)[:, None]               # each row by its running RMS
-            scale = 0.2 * math.sqrt(O.size) / (np.linalg.norm(O) + self.eps)
-            p -= (lr * scale * O).astype(p.dtype, copy=False)   # RMS 0.2 * lr per entry
+            if grads.get(k) is not None:
+                self.t[k] += 1
+                self.update(params[k], grads[k], self.m[k], self.v[k], lr)
+
+    def update(self, p, g, m, v, lr):
+        """One NorMuon step of one matrix p (gradient g, momentum m, row second moment v), in place."""
+        m *= self.momentum
+        m += (1.0 - self.momentum) * g                          # momentum, not Nesterov
+        O = newton_schulz5(m, self.ns_steps)
+        v *= self.beta2
+        v += (1.0 - self.beta2) * np.mean(O * O, axis=1)        # per-row second moment
+        O /= (np.sqrt(v) + self.eps)[:, None]                   # each row by its running RMS
+        scale = 0.2 * math.sqrt(O.size) / (np.linalg.norm(O) + self.eps)
+        p -= (lr * scale * O).astype(p.dtype, copy=False)       # RMS 0.2 * lr per entry
 
 
 # ----------------------------------------------------------------------------------------------

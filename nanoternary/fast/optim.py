@@ -1,5 +1,5 @@
-"""The optimizers' elementwise updates, fast: the same lines as optim.py, bit for bit, run on
-cache-sized pieces that are shared between the cores.
+"""The optimizers, fast: the same lines as optim.py, run on cache-sized pieces shared between the
+cores (AdamW, the EMA: bit for bit the same), or one matrix per core (NorMuon).
 
 AdamW's update is about a dozen elementwise passes. Over the whole 50257 x 256 embedding each pass
 streams 51 MB from memory, and each `a * b` allocates a 51 MB temporary. Done CHUNK elements at a
@@ -8,14 +8,18 @@ each array goes to memory, and the one temporary is a small buffer (measured her
 per AdamW step of the float32 embedding, on one core). The pieces are split between the cores
 (threads.parallel_ranges).
 
+NorMuon's update of a matrix is mostly its Newton-Schulz products, (256 x 683) matrices too small
+for BLAS to keep two cores busy; FastNorMuon runs the matrices' updates in parallel instead, one
+thread per core with single-threaded BLAS.
+
     adam = FastAdamW(params, lr=3e-3)     # the same constructor, state and results as optim.AdamW
 """
 import math
 
 import numpy as np
 
-from ..optim import EMA, AdamW
-from .threads import parallel_ranges
+from ..optim import EMA, AdamW, NorMuon
+from .threads import default_workers, parallel_ranges, run_shards
 
 CHUNK = 32768  # elements per piece (128 KB of float32, fits in L2)
 
@@ -74,3 +78,22 @@ class FastEMA(EMA):
                 tmp *= 1.0 - d
                 S[c] -= tmp
         parallel_ranges(piece, S.size)
+
+
+class FastNorMuon(NorMuon):
+    def step(self, params, grads, lr=None):
+        lr = float(self.lr if lr is None else lr)
+        names = [k for k in self.names if grads.get(k) is not None]
+        workers = min(default_workers(), len(names)) or 1
+        groups = [[] for _ in range(workers)]
+        load = [0] * workers
+        for k in sorted(names, key=lambda k: -params[k].size):      # largest first, to the least loaded
+            i = load.index(min(load))
+            groups[i].append(k)
+            load[i] += params[k].size
+
+        def update(group):
+            for k in group:
+                self.t[k] += 1
+                self.update(params[k], grads[k], self.m[k], self.v[k], lr)
+        run_shards(update, [(g,) for g in groups if g])

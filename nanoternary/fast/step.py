@@ -29,16 +29,26 @@ def loss_and_grads(model, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss
                    train_embed=True, workers=None, chunk=DEFAULT_CHUNK):
     """model.loss_and_grads(idx, targets, ...) on `workers` cores (default: threads.default_workers).
     train_embed=False also skips the head's third GEMM (dE)."""
+    rows = model.counted_rows(np.size(targets), loss_frac, rng)
+    return part_loss_and_grads(model, idx, targets, rows, None if rows is None else rows.size,
+                               label_smoothing=label_smoothing, z_loss=z_loss, train_embed=train_embed,
+                               workers=workers, chunk=chunk)
+
+
+def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0, z_loss=0.0, train_embed=True,
+                        workers=None, chunk=DEFAULT_CHUNK):
+    """The step for a part of a larger batch (dist.py: one process's rows of the global batch):
+    the loss summed over the counted positions `rows` of this part (None: all) divided by `denom`,
+    the count of the whole batch, and its gradients. The parts' results add up to the whole's."""
     idx, targets = model.check_ids(idx), np.asarray(targets)
     B, T = targets.shape
-    rows = model.counted_rows(B * T, loss_frac, rng)
     shards = split(B, workers or default_workers())
     # 1. forward, one shard of the batch per core
     fwd = run_shards(lambda b0, b1: model.body_forward(idx[b0:b1]), shards)
     h = np.concatenate([h_s for h_s, _ in fwd])                          # (N, C)
     # 2. the head over all N rows: the loss, dh, and the gradients of the head's weights
-    loss, dh, grads_head = _head(model, h, targets.reshape(-1), rows, label_smoothing, z_loss, train_embed,
-                                 [(a * T, b * T) for a, b in shards], chunk)
+    loss, dh, grads_head = _head(model, h, targets.reshape(-1), rows, denom, label_smoothing, z_loss,
+                                 train_embed, [(a * T, b * T) for a, b in shards], chunk)
 
     # 3. backward, one shard per core
     def backward(i, b0, b1):
@@ -57,13 +67,14 @@ def loss_and_grads(model, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss
     return float(loss), grads
 
 
-def _head(model, h, targets, rows, label_smoothing, z_loss, train_embed, pieces, chunk):
+def _head(model, h, targets, rows, denom, label_smoothing, z_loss, train_embed, pieces, chunk):
     # h (N,C), targets (N,) -> loss, dh (N,C), {"embed.w": dE, "head.class_w": dWc as present}
     E = model.params["embed.w"]
-    denom = h.shape[0] if rows is None else rows.size
+    denom = denom or (h.shape[0] if rows is None else rows.size)
     if model.cfg.head == "hier":
         loss, dh, dE, dWc = hier_ce_fused(h, E, model.params["head.class_w"], model.hier, targets, rows,
-                                          label_smoothing, z_loss, need_dE=train_embed, workers=len(pieces))
+                                          label_smoothing, z_loss, need_dE=train_embed, denom=denom,
+                                          workers=len(pieces))
         return loss, dh, {"head.class_w": dWc, **({"embed.w": dE} if train_embed else {})}
 
     e_norm = max_row_norm(E) if denom > model.cfg.d_model else None      # for the shift-free softmax

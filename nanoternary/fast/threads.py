@@ -23,6 +23,7 @@ from . import profile
 _blas = None             # threadpoolctl's controller of the BLAS libraries, made on first use
 _pool = None
 _threads = None          # set_threads(n); None: one per core
+_limit = None            # the BLAS thread limit of set_threads(n)
 
 
 def blas():
@@ -48,9 +49,13 @@ def available_cores():
 
 
 def set_threads(n):
-    """Use n worker threads from now on (None or 0: one per core). train.py --threads, bench --threads."""
-    global _threads
+    """Use n cores from now on: n worker threads, and BLAS at n threads per call outside them
+    (None or 0: every core, BLAS as it was). train.py --threads, bench --threads."""
+    global _threads, _limit
+    if _limit is not None:
+        _limit.restore_original_limits()
     _threads = n or None
+    _limit = blas().limit(limits=n) if n else None
 
 
 def default_workers():
