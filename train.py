@@ -3,24 +3,15 @@
     python train.py                                        # the default recipe on the default data
     python train.py --data 'my-corpus/*.parquet' --time-budget 20 --out runs/mine
     python train.py --out runs/mine --resume               # continue an interrupted run
-    python train.py --max-steps 10 --profile               # where a training step's time goes
+    mpiexec -n 2 python train.py ...                       # several processes (pip install -e ".[mpi]")
 
 The default data is FineWeb-Edu (downloaded in part, cached under data/), or, with no network,
-Python's own documentation (nanoternary/data.py). The recipe follows FlashLM v3: NorMuon for the
-ternary core's 2-D weights, AdamW for the rest, warmup-stable-decay schedule, gradient clipping 1.0,
-z-loss 1e-4, the full head's loss on a random 25% of positions, a tied embedding initialised from
-GPT-2's (SVD-projected, frozen for the first 1000 steps; random and trained from the start when
-GPT-2's weights cannot be downloaded). Our defaults differ in AdamW's learning rate (3e-3, not 3e-4)
-and label smoothing (off, not 0.1); TrainConfig marks the reference's values in brackets and the
-README shows the runs behind the choice.
-
-A step is the model's loss_and_grads, run by nanoternary/fast/step.py on every core (the same
-numbers as Model.loss_and_grads, faster), then the optimizers. Output, in --out (default out/):
-    log.jsonl            one JSON object per logged step: step, tokens, train_loss, lr, elapsed, ...
-                         and val_loss / val_bpb where evaluated
-    latest.npz           the last checkpoint (every --save-interval steps, at the end, on Ctrl-C)
-    best.npz             the checkpoint with the best validation loss so far
-    loss.png             the loss curves, when matplotlib is installed (pip install matplotlib)
+Python's own documentation (nanoternary/data.py). The recipe is FlashLM v3's (TrainConfig marks the
+reference's values in brackets; docs/learning.md shows the runs behind our two changes). A step is
+Model.loss_and_grads, run by nanoternary/fast/step.py on every core (the same numbers, faster),
+then NorMuon and AdamW. Output, in --out: log.jsonl (one JSON object per logged step), latest.npz
+(every --save-interval steps, at the end, on Ctrl-C), best.npz (best validation loss), loss.png
+(with matplotlib).
 """
 import argparse
 import contextlib
@@ -30,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,54 +45,48 @@ from nanoternary.optim import NorMuon, accumulate, clip_grad_norm, cosine, split
 class TrainConfig:
     """Everything that defines a run besides the architecture (ModelConfig); both are saved in
     every checkpoint. Reference values in brackets."""
-    data: list = setting(None, "parquet/jsonl/txt paths or globs, repeatable (default: FineWeb-Edu, "
-                         "or Python's docs when offline)", group="data")
-    data_tokens: int = setting(None, "cap on tokens read from the data (default: all; FineWeb-Edu: 32M)",
-                               range="[1, inf)")
+    data: list = setting(None, "parquet/jsonl/txt paths or globs, repeatable (default: FineWeb-Edu, or "
+                         "Python's docs when offline)", group="data")
+    data_tokens: int = setting(None, "cap on tokens read (default: all; FineWeb-Edu: 32M)", range="[1, inf)")
     val_fraction: float = setting(0.05, "documents held out for validation [0.05]", range="(0, 1)")
-    data_seed: int = setting(0, "seeds the train/validation split (not --seed: the same split for any run)",
-                             range="[0, inf)")
-    batch_size: int = setting(8, "sequences per micro-batch, of all processes together (under mpiexec each "
-                              "takes an equal part)", range="[1, inf)", group="batches")
+    data_seed: int = setting(0, "seeds the train/validation split (the same for any --seed)", range="[0, inf)")
+    batch_size: int = setting(8, "sequences per micro-batch, all processes together", range="[1, inf)",
+                              group="batches")
     seq_len: int = setting(256, "tokens per sequence (and per validation window)", range="[1, inf)")
-    curriculum: tuple = setting((), "sequence lengths over the run, e.g. 64,128,256,512 [that]: equal "
-                                "parts of the run, constant tokens per step (default: --seq-len throughout)",
+    curriculum: tuple = setting((), "lengths over the run at constant tokens per step [64,128,256,512]",
                                 range="[1, inf)")
     grad_accum: int = setting(1, "micro-batches per optimizer step", range="[1, inf)")
-    lr_muon: float = setting(0.02, "NorMuon learning rate, the core's 2-D weights [0.02]", range="(0, inf)",
+    lr_muon: float = setting(0.02, "NorMuon lr, the core's 2-D weights [0.02]", range="(0, inf)",
                              group="optimization")
-    lr_adam: float = setting(3e-3, "AdamW learning rate, everything else [3e-4]", range="(0, inf)")
+    lr_adam: float = setting(3e-3, "AdamW lr, everything else [3e-4]", range="(0, inf)")
     weight_decay: float = setting(0.1, "AdamW decoupled weight decay on matrices [0.1]", range="[0, inf)")
-    schedule: str = setting("wsd", "learning-rate schedule: warmup-stable-decay [wsd], or cosine",
-                            choices=("wsd", "cosine"))
+    schedule: str = setting("wsd", "warmup-stable-decay [wsd], or cosine", choices=("wsd", "cosine"))
     warmup: int = setting(200, "warmup steps", range="[0, inf)")
     decay_frac: float = setting(0.1, "wsd: the last fraction of the run decays linearly to 0", range="[0, 1]")
     grad_clip: float = setting(1.0, "global gradient-norm clip, 0: off [1.0]", range="[0, inf)")
     label_smoothing: float = setting(0.0, "training loss only [0.1]", range="[0, 1)")
     z_loss: float = setting(1e-4, "training loss only [1e-4]", range="[0, inf)")
-    loss_frac: float = setting(None, "fraction of positions in the training loss [0.25] (default: 0.25 with "
-                               "the full head, 1.0 with the cheap hier head)", range="(0, 1]")
-    ema: float = setting(0.0, "EMA decay of the weights used for evaluation, 0: off [0.999]", range="[0, 1)")
-    embed_init: str = setting("gpt2", "embedding init: GPT-2's, SVD-projected [gpt2], or random",
-                              choices=("gpt2", "random"))
-    freeze_embed_steps: int = setting(-1, "steps with a frozen embedding (default -1: 1000 with GPT-2's, "
-                                      "else 0) [1000]", range="[-1, inf)")
-    max_steps: int = setting(None, "optimizer steps, 0: no limit (default: 4000, or no limit with "
-                             "--time-budget or --max-tokens) [~4000]", range="[0, inf)",
-                             group="run length (the first limit reached stops the run)")
+    loss_frac: float = setting(None, "fraction of positions in the loss (default: 0.25 [0.25] with the full "
+                               "head, 1 with the hier head)", range="(0, 1]")
+    ema: float = setting(0.0, "EMA decay of the weights evaluated, 0: off [0.999]", range="[0, 1)")
+    embed_init: str = setting("gpt2", "GPT-2's embedding, SVD-projected [gpt2], or random", choices=("gpt2", "random"))
+    freeze_embed_steps: int = setting(-1, "steps with a frozen embedding (default: 1000 [1000] with GPT-2's, "
+                                      "else 0)", range="[-1, inf)")
+    max_steps: int = setting(None, "optimizer steps, 0: no limit (default: 4000 [~4000], no limit with "
+                             "--time-budget or --max-tokens)", range="[0, inf)", group="run length")
     max_tokens: int = setting(0, "training tokens, 0: no limit", range="[0, inf)")
     time_budget: float = setting(0.0, "minutes of wall clock, 0: no limit", range="[0, inf)")
     eval_interval: int = setting(200, "steps between validation evaluations", range="[1, inf)",
                                  group="evaluation, logging, checkpoints")
-    eval_tokens: int = setting(32768, "validation tokens per evaluation (windows of --seq-len)", range="[1, inf)")
+    eval_tokens: int = setting(32768, "validation tokens per evaluation", range="[1, inf)")
     log_interval: int = setting(10, "steps between log lines", range="[1, inf)")
     save_interval: int = setting(200, "steps between checkpoints", range="[1, inf)")
     out: str = setting("out", "run folder")
     seed: int = setting(0, "seeds the init, the batches and the counted positions", range="[0, inf)",
                         group="machine")
-    threads: int = setting(0, "cores each process uses (batch shards in parallel), 0: all (under mpiexec: "
-                           "the machine's cores shared by its processes)", range="[0, inf)")
-    dtype: str = setting("float32", "float type of the weights and the step (float64: exact comparisons)",
+    threads: int = setting(0, "cores per process, 0: all (under mpiexec: shared by the machine's processes)",
+                           range="[0, inf)")
+    dtype: str = setting("float32", "of the weights and the step (float64: exact comparisons)",
                          choices=("float32", "float64"))
 
     def __post_init__(self):
@@ -128,12 +114,11 @@ class Run:
 
     def __init__(self, cfg, model_cfg, comm, resume_from=None):
         self.cfg, self.comm = cfg, comm
-        for first in (True, False):                       # the token cache is built once, by rank 0
-            if (comm.rank == 0) == first:
-                self.data = prepare(cfg.data, max_tokens=cfg.data_tokens, val_fraction=cfg.val_fraction,
-                                    seed=cfg.data_seed)
-            if first:
-                comm.barrier()
+        self.data = dist.rank0_first(comm, lambda: prepare(cfg.data, max_tokens=cfg.data_tokens, seed=cfg.data_seed,
+                                                           val_fraction=cfg.val_fraction))   # the cache, once
+        if self.data.meta["key"] != comm.bcast(self.data.meta["key"]):      # another machine found other data
+            raise DataError(f"rank {comm.rank} prepared other data than rank 0 ({self.data.path}): every "
+                            f"machine needs the same --data, or a shared data/ folder")
         if len(self.data.val) < cfg.seq_len + 1:
             raise DataError(f"the validation split of {self.data.path} has {len(self.data.val)} tokens, "
                             f"fewer than one window of {cfg.seq_len + 1}: use more data or a larger --val-fraction")
@@ -468,47 +453,39 @@ def config_from_args(argv=None):
     return train_cfg, ModelConfig.from_dict(meta["config"]), path, args.profile, False
 
 
+ONE_LINE = (DataError, CheckpointError, ValueError, OSError)     # errors that say what is wrong and what to do
+
+
 def main(argv=None):
-    comm = None
-    try:
-        comm = dist.world()                   # the processes mpiexec started, or just this one
-        if comm.rank:
-            sys.stdout = open(os.devnull, "w")                 # rank 0 alone prints
-        try:                                  # rank 0 reads the settings (and the checkpoint to resume)
-            got = ("ok", config_from_args(argv)) if comm.rank == 0 else None
-        except (DataError, CheckpointError, ValueError, OSError) as e:
-            got = ("error", str(e))
-        status, got = comm.bcast(got)
-        if status == "error":
-            if comm.rank == 0:
-                print(f"error: {got}", file=sys.stderr)
-            return 1
-        cfg, model_cfg, resume, show_profile, overwrite = got
+    comm = dist.world()                       # the processes mpiexec started, or just this one
+    if comm.rank:
+        sys.stdout = open(os.devnull, "w")    # rank 0 alone prints
+    try:                                      # rank 0 reads the settings (and the checkpoint to resume)
+        cfg, model_cfg, resume, show_profile, overwrite = dist.from_rank0(comm, lambda: config_from_args(argv),
+                                                                          ONE_LINE)
         for T in cfg.curriculum or (cfg.seq_len,):
             if (cfg.batch_size * cfg.seq_len // T) % comm.size:
-                raise ValueError(f"--batch-size {cfg.batch_size} (the batch of all processes together) does not "
-                                 f"split into {comm.size} equal parts" + (f" at sequence length {T}" if cfg.curriculum
-                                 else "") + f": use a multiple of {comm.size}")
-        if comm.size > 1 and not cfg.threads:                  # the machine's cores, shared by its processes
-            cfg.threads = max(1, available_cores() // comm.local_size)
-        return train(cfg, model_cfg, resume, show_profile, overwrite, comm)
-    except (DataError, CheckpointError, ValueError, OSError) as e:    # OSError: e.g. --out cannot be made
-        if comm is None or comm.size == 1:
+                raise ValueError(f"--batch-size {cfg.batch_size} (all processes together) does not split into "
+                                 f"{comm.size} equal parts at sequence length {T}: use a multiple of {comm.size}")
+    except ONE_LINE as e:                     # the same on every rank
+        if comm.rank == 0:
             print(f"error: {e}", file=sys.stderr)
-            return 1
-        comm.abort(f"error on rank {comm.rank}: {e}; stopping all {comm.size} processes")
-    except KeyboardInterrupt:                  # before training started, or a second Ctrl-C
-        print("\ninterrupted: stopped at once; checkpoints already saved are intact", file=sys.stderr)
-        if comm is not None and comm.size > 1:
-            comm.abort(f"rank {comm.rank}: interrupted; stopping all {comm.size} processes", 130)
+        return 1
+    if comm.size > 1 and not cfg.threads:     # the machine's cores, shared by its processes
+        cfg.threads = max(1, available_cores() // comm.local_size)
+    try:
+        return train(cfg, model_cfg, resume, show_profile, overwrite, comm)
+    except ONE_LINE as e:
+        comm.fail(f"error: {e}")              # with several processes: all of them stop
+        return 1
+    except KeyboardInterrupt:                 # before training started, or a second Ctrl-C
+        comm.fail("\ninterrupted: stopped at once; checkpoints already saved are intact", 130)
         return 130
-    except Exception as e:                     # a bug, or the machine: with several processes, end them all
-        if comm is None or comm.size == 1:
+    except Exception as e:                    # a bug, or the machine
+        if comm.size == 1:
             raise
-        import traceback
         traceback.print_exc()
-        comm.abort(f"rank {comm.rank} failed ({type(e).__name__}: {e}); stopping all {comm.size} processes; "
-                   f"the last checkpoint is intact: continue with --resume")
+        comm.fail(f"failed ({type(e).__name__}: {e}); the last checkpoint is intact: continue with --resume")
 
 
 if __name__ == "__main__":

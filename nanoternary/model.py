@@ -145,29 +145,26 @@ def quantize(params, cfg):
 # times with the same weights, so each application's gradients are summed there.
 
 
-def block_forward(x, p, q, cfg, convs=None, layers=None):
+def block_forward(x, p, q, cfg, convs=None):
     # x (B,T,C) -> x (B,T,C), cache: one application of the weight-shared block
-    """x = x + ConvMixer(RMSNorm(x)); x = x + TernaryGLU(RMSNorm(x)). `convs`: see mixer_forward.
-    `layers`: the (mixer, glu) functions to run, default this file's (fast/layers.py has fused ones)."""
-    mixer, glu = layers or (mixer_forward, glu_forward)
+    """x = x + ConvMixer(RMSNorm(x)); x = x + TernaryGLU(RMSNorm(x)). `convs`: see mixer_forward."""
     h, c_norm_mix = rmsnorm_forward(x, p["block.norm_mix.g"])
-    m, c_mix = mixer(h, p, q, cfg, convs)
+    m, c_mix = mixer_forward(h, p, q, cfg, convs)
     x = x + m                                                            # residual
     u, c_norm_glu = rmsnorm_forward(x, p["block.norm_glu.g"])
-    d, c_glu = glu(u, q)
+    d, c_glu = glu_forward(u, q)
     x = x + d                                                            # residual
     return x, (c_norm_mix, c_mix, c_norm_glu, c_glu)
 
 
-def block_backward(dx, cache, cfg, grads, layers=None):
+def block_backward(dx, cache, cfg, grads):
     # dx (B,T,C) -> dx (B,T,C): block_forward reversed
-    mixer_back, glu_back = layers or (mixer_backward, glu_backward)
     c_norm_mix, c_mix, c_norm_glu, c_glu = cache
-    du = glu_back(dx, c_glu, grads)                                      # x = x + d, d = glu(u)
+    du = glu_backward(dx, c_glu, grads)                                  # x = x + d, d = glu(u)
     dxn, dg = rmsnorm_backward(du, c_norm_glu)
     grads["block.norm_glu.g"] += dg
     dx = dx + dxn                                                        # x reached the output twice
-    dh = mixer_back(dx, c_mix, cfg, grads)                               # x = x + m, m = mixer(h)
+    dh = mixer_backward(dx, c_mix, cfg, grads)                           # x = x + m, m = mixer(h)
     dxn, dg = rmsnorm_backward(dh, c_norm_mix)
     grads["block.norm_mix.g"] += dg
     return dx + dxn
@@ -271,8 +268,8 @@ class Model:
         loss, c_head = self.head_forward(h, y, label_smoothing, z_loss)
         return loss, (c_body, c_head, rows, N)
 
-    def body_forward(self, idx, layers=None):
-        # idx (B,T) int -> h (B*T, C), cache: everything before the head (`layers`: block_forward's)
+    def body_forward(self, idx):
+        # idx (B,T) int -> h (B*T, C), cache: everything before the head
         p, cfg = self.params, self.cfg
         idx = self.check_ids(idx)
         B, T = idx.shape
@@ -280,7 +277,7 @@ class Model:
         x, c_embed = embedding_forward(idx, p["embed.w"])
         c_blocks = []
         for _ in range(cfg.n_recursions):                                  # the SAME weights each time
-            x, c = block_forward(x, p, q, cfg, layers=layers)
+            x, c = block_forward(x, p, q, cfg)
             c_blocks.append(c)
         h, c_norm = rmsnorm_forward(x, p["norm_f.g"])
         return h.reshape(B * T, cfg.d_model), (c_embed, c_blocks, c_norm)
@@ -313,7 +310,7 @@ class Model:
         dh, dE, dWc = hier_ce_backward(1.0, cache)
         return dh, {"embed.w": dE, "head.class_w": dWc}
 
-    def body_backward(self, dh, cache, layers=None):
+    def body_backward(self, dh, cache):
         # dh (B*T, C) -> grads of the core (every parameter but embed.w and the head's),
         #                dx (B,T,C) the gradient at the embedding's output (for embedding_backward)
         """body_forward reversed."""
@@ -321,7 +318,7 @@ class Model:
         grads = {k: np.zeros_like(v) for k, v in self.params.items() if k.startswith("block.")}
         dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(c_norm[0].shape), c_norm)
         for c in reversed(c_blocks):
-            dx = block_backward(dx, c, self.cfg, grads, layers)           # gradients summed in grads
+            dx = block_backward(dx, c, self.cfg, grads)                   # gradients summed in grads
         return grads, dx
 
     # ------------------------------------------------------------------ the interface

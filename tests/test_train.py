@@ -101,14 +101,14 @@ def test_resume_refuses_other_settings(corpus, capsys):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, monkeypatch, capsys):
     from nanoternary.fast import step
-    real = step.loss_and_grads
+    real = step.part_loss_and_grads
     calls = {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
         loss, grads = real(*a, **k)
         return (float("nan") if calls["n"] == 5 else loss), grads
-    monkeypatch.setattr(step, "loss_and_grads", poisoned)
+    monkeypatch.setattr(step, "part_loss_and_grads", poisoned)
     code = train.main(["--data", corpus, "--out", "n", "--max-steps", "20", "--save-interval", "2"] + TINY)
     assert code == 1
     err = capsys.readouterr().err

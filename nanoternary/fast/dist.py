@@ -15,7 +15,7 @@ the order of floating-point sums.
     bucket = GradBuffer(grads)  # one contiguous buffer for all gradients (and a few scalars)
     bucket.allreduce(grads)     # copy in, one Allreduce in place, the gradients now views of the sum
     comm.bcast(value)           # rank 0's value on every rank (the run's control: clock, Ctrl-C)
-    comm.abort(message)         # a failing rank stops the whole job instead of leaving it hanging
+    comm.fail(message)          # a failing rank stops the whole job instead of leaving it hanging
 
 Launched by mpiexec is told by the environment variables it sets (MPICH's PMI_SIZE, Open MPI's
 OMPI_COMM_WORLD_SIZE, PMIx's PMIX_RANK); only then is mpi4py imported.
@@ -56,9 +56,8 @@ class Single:
     def barrier(self):
         pass
 
-    def abort(self, message, code=1):
+    def fail(self, message, code=1):
         print(message, file=sys.stderr, flush=True)
-        sys.exit(code)
 
 
 class MPIWorld:
@@ -82,11 +81,32 @@ class MPIWorld:
     def barrier(self):
         self.comm.Barrier()
 
-    def abort(self, message, code=1):
+    def fail(self, message, code=1):
         """Print the message and end every process of the job (MPI_Abort): the others may be waiting
         in a collective call for this one, forever."""
-        print(message, file=sys.stderr, flush=True)
+        print(f"rank {self.rank}: {message}; stopping all {self.size} processes", file=sys.stderr, flush=True)
         self.comm.Abort(code)
+
+
+def rank0_first(comm, fn):
+    """fn() on rank 0, then, once rank 0 is done, on every other rank: for work that rank 0 leaves on
+    disk for the others (the token cache), or that another machine then does for itself."""
+    result = fn() if comm.rank == 0 else None
+    comm.barrier()
+    return result if comm.rank == 0 else fn()
+
+
+def from_rank0(comm, fn, errors):
+    """fn() on rank 0 alone (reading the settings, the checkpoint to resume), its result on every
+    rank; an exception of the types `errors` on rank 0 is raised on every rank."""
+    try:
+        got = ("ok", fn()) if comm.rank == 0 else None
+    except errors as e:
+        got = ("error", e)
+    status, value = comm.bcast(got)
+    if status == "error":
+        raise value
+    return value
 
 
 _world = None

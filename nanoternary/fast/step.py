@@ -18,7 +18,6 @@ tests/test_fast.py proves it equal to the plain step, for both heads and every t
 """
 import numpy as np
 
-from ..ops.embedding import embedding_backward
 from .head import DEFAULT_CHUNK, max_row_norm, nll_fused, softmax_ce_fused
 from .hier_head import hier_ce_fused
 from .profile import section
@@ -63,8 +62,27 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
     if train_embed:                                     # tied: the head's dE plus the lookup's
         dx = np.concatenate([dx_s for _, dx_s in results])
         with section("embedding"):
-            embedding_backward(dx, (idx, model.cfg.vocab_size), dE=grads["embed.w"])
+            embedding_backward_sorted(dx, idx, grads["embed.w"])
     return float(loss), grads
+
+
+def embedding_backward_sorted(dx, idx, dE):
+    # dx (B,T,C), idx (B,T) -> dE (V,C) += the rows of dx, each at its token's row
+    """ops.embedding.embedding_backward, without np.add.at (one scattered add per row): the rows
+    sorted by token, the rows of each token summed by one np.add.reduceat, then one add per
+    distinct token, split between the cores (distinct tokens: disjoint rows of dE)."""
+    flat, d = idx.reshape(-1), dx.reshape(-1, dx.shape[-1])
+    order = np.argsort(flat, kind="stable")
+    tokens = flat[order]
+    starts = np.flatnonzero(np.concatenate(([True], tokens[1:] != tokens[:-1])))
+    uniq = tokens[starts]
+    bounds = np.concatenate((starts, [tokens.size]))
+
+    def add(lo, hi):                                    # the distinct tokens lo .. hi-1
+        sums = np.add.reduceat(d[order[bounds[lo]:bounds[hi]]], bounds[lo:hi] - bounds[lo], axis=0)
+        dE[uniq[lo:hi]] += sums
+    run_shards(add, split(uniq.size, default_workers()))
+    return dE
 
 
 def _head(model, h, targets, rows, denom, label_smoothing, z_loss, train_embed, pieces, chunk):

@@ -145,10 +145,10 @@ def ops(cfg, batch_size, T, cores, dtype=np.float32):
 
 def table(cfg, batch_size, seq_len, cores):
     rows = batch_size * seq_len // cores
-    gemm, bw = machine()
     lines = []
     set_threads(1)                                            # one core: one worker, BLAS at one thread
     with blas_threads(1):
+        gemm, bw = machine()
         for name, calls, fn, flops, nbytes in ops(cfg, batch_size, seq_len, cores):
             t = best(fn)
             bound = max(flops / (gemm * 1e9), nbytes / (bw * 1e9))
