@@ -35,10 +35,10 @@ from nanoternary.data import DataError, get_batch, prepare, val_windows
 from nanoternary.fast import dist, profile
 from nanoternary.fast import step as fast
 from nanoternary.fast.dist import GradBuffer
-from nanoternary.fast.optim import FastAdamW, FastEMA
+from nanoternary.fast.optim import FastAdamW, FastEMA, FastNorMuon
 from nanoternary.fast.threads import available_cores, default_workers, set_threads
 from nanoternary.model import Model, ModelConfig, n_hier_classes
-from nanoternary.optim import NorMuon, accumulate, clip_grad_norm, cosine, split_params, wsd
+from nanoternary.optim import accumulate, clip_grad_norm, cosine, split_params, wsd
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Run:
     def make_optimizers(self):
         cfg, params = self.cfg, self.model.params
         muon_names, adam_names = split_params(params)
-        self.muon = NorMuon({k: params[k] for k in muon_names}, lr=cfg.lr_muon)
+        self.muon = FastNorMuon({k: params[k] for k in muon_names}, lr=cfg.lr_muon)
         self.adam = FastAdamW({k: params[k] for k in adam_names}, lr=cfg.lr_adam, weight_decay=cfg.weight_decay)
         self.ema = FastEMA(params, cfg.ema) if cfg.ema else None
 

@@ -10,13 +10,13 @@ from nanoternary.fast import head as fhead
 from nanoternary.fast import profile, threads
 from nanoternary.fast import step as fast
 from nanoternary.fast.hier_head import hier_ce_fused
-from nanoternary.fast.optim import CHUNK, FastAdamW, FastEMA
+from nanoternary.fast.optim import CHUNK, FastAdamW, FastEMA, FastNorMuon
 from nanoternary.gradcheck import TINY, tiny_model
 from nanoternary.model import Model, ModelConfig
 from nanoternary.ops.head import nll, softmax_ce_backward, softmax_ce_forward
 from nanoternary.classmap import ClassMap
 from nanoternary.ops.hier_head import hier_ce_backward, hier_ce_forward
-from nanoternary.optim import EMA, AdamW
+from nanoternary.optim import EMA, AdamW, NorMuon
 
 
 @pytest.fixture
@@ -196,6 +196,23 @@ def test_fast_optimizers_equal_the_plain_ones_bit_for_bit(rng):
             np.testing.assert_array_equal(fast_p[k], plain[k], err_msg=k)
             np.testing.assert_array_equal(b.m[k], a.m[k], err_msg=k)
             np.testing.assert_array_equal(f.shadow[k], e.shadow[k], err_msg=k)
+
+
+def test_fast_normuon_equals_the_plain_one(rng):
+    """One matrix per core with single-threaded BLAS: float32 bit for bit here; float64 to 1e-12 (a
+    BLAS may sum in another order with another thread count)."""
+    shapes = {"a": (40, 16), "b": (40, 16), "c": (16, 40), "d": (16, 16)}
+    for dtype, tol in ((np.float32, 1e-6), (np.float64, 1e-12)):
+        p1 = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        p2 = {k: v.copy() for k, v in p1.items()}
+        o1, o2 = NorMuon(p1), FastNorMuon(p2)
+        for _ in range(3):
+            g = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+            o1.step(p1, g, lr=0.01)
+            o2.step(p2, g, lr=0.01)
+        for k in shapes:
+            assert_close(p2[k], p1[k], k, tol)
+            assert o1.t[k] == o2.t[k] == 3
 
 
 # ------------------------------------------------------------------------------------- machinery
