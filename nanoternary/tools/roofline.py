@@ -22,11 +22,12 @@ import time
 import numpy as np
 
 from ..fast.optim import FastAdamW
+from ..fast.step import embedding_backward_sorted
 from ..fast.threads import blas_threads, set_threads
 from ..model import Model, ModelConfig, quantize
 from ..optim import NorMuon, split_params
 from ..ops.conv import conv1d_backward, conv1d_forward
-from ..ops.embedding import embedding_backward, embedding_forward
+from ..ops.embedding import embedding_forward
 from ..ops.gates import relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward, sigmoid_gate_forward
 from ..ops.norm import rmsnorm_backward, rmsnorm_forward
 from ..ops.ternary import ternary_linear_backward, ternary_linear_forward
@@ -121,9 +122,8 @@ def ops(cfg, batch_size, T, cores, dtype=np.float32):
     idx_all = r.integers(0, cfg.vocab_size, (batch_size, T))
     dx_all = r.standard_normal((batch_size, T, C)).astype(dtype)
     dE = np.zeros_like(E)
-    out.append(("embedding backward (add.at into 50257 x 256)", 1,
-                lambda: embedding_backward(dx_all, (idx_all, cfg.vocab_size), dE=dE), cores * rows * C,
-                E.nbytes * 2 + cores * 2 * nc))
+    out.append(("embedding backward (sorted, into 50257 x 256)", 1,
+                lambda: embedding_backward_sorted(dx_all, idx_all, dE), cores * rows * C, cores * 4 * nc))
     grads = {k: r.standard_normal(v.shape).astype(dtype) for k, v in model.params.items()}
     muon_names, adam_names = split_params(model.params)
     params = {k: v.copy() for k, v in model.params.items()}
@@ -138,7 +138,8 @@ def ops(cfg, batch_size, T, cores, dtype=np.float32):
             ("NorMuon update (4 matrices, Newton-Schulz)", 1, lambda: muon.step(params, grads), ns_flops,
              8 * sum(params[k].nbytes for k in muon_names)),
             ("shard sum of the core's gradients", cores - 1,
-             lambda: [np.add(grads[k], grads[k], out=grads[k]) for k in muon_names + adam_names if k != "embed.w"],
+             lambda: [np.add(grads[k], params[k], out=params[k].copy()) for k in muon_names + adam_names
+                      if k != "embed.w"],
              n_rest + sum(params[k].size for k in muon_names), 3 * 4 * (n_rest + sum(params[k].size for k in muon_names)))]
     return out
 
