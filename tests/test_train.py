@@ -229,7 +229,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(corpus, monkeypatch, cap
     """The optimizer makes a ternary latent NaN at step 5 (the loss cannot see it: the quantizer
     maps NaN to 0). The save of step 6 refuses, and latest.npz stays the finite step-4 one, which
     --resume accepts."""
-    from nanoternary.optim import NorMuon
+    from nanoternary.fast.optim import FastNorMuon as NorMuon
     real = NorMuon.step
     calls = {"n": 0}
 
