@@ -19,58 +19,50 @@ import argparse
 import codecs
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
+
+from nanoternary import config
+from nanoternary.config import setting
+
+
+@dataclass
+class SampleConfig:
+    """What sample.py does, each setting declared once (the command line is derived from it)."""
+    checkpoint: str = setting("out", "checkpoint file (full or packed) or run folder, which means its "
+                              "latest.npz", group="model")
+    kernel: str = setting("addsub", "ternary layers by additions/subtractions only, or by float GEMVs",
+                          choices=("addsub", "blas"))
+    ema: bool = setting(False, "use the checkpoint's EMA-averaged weights (train.py --ema), as its "
+                        "evaluation does (default: the trained weights)")
+    head: str = setting(None, "the output head to expect; it comes from the checkpoint, which was trained "
+                        "with train.py --head (default: whatever the checkpoint has)", choices=("full", "hier"))
+    prompt: str = setting("", "text to continue (default: empty, which starts from <|endoftext|>)",
+                          group="prompt and length")
+    max_new_tokens: int = setting(200, "tokens to generate per sample", range="[0, inf)")
+    num_samples: int = setting(1, "independent continuations of the prompt", range="[1, inf)")
+    no_stop: bool = setting(False, "keep going past <|endoftext|> (default: stop there)")
+    temperature: float = setting(0.8, "divide the logits by T; 0 = greedy, always the most likely token",
+                                 range="[0, inf)", group="sampling")
+    top_k: int = setting(200, "sample among the K most likely tokens; 0 = all", range="[0, inf)")
+    top_p: float = setting(1.0, "sample from the smallest set of tokens with probability >= P (nucleus); "
+                           "1 = off", range="(0, 1]")
+    seed: int = setting(1337, "random seed: the same seed gives the same text", range="[0, inf)")
+
+    def __post_init__(self):
+        config.check(self)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="Generate text from a nanoternary checkpoint, printed as it is generated.")
-    g = ap.add_argument_group("model")
-    g.add_argument("--checkpoint", default="out", metavar="PATH",
-                   help="checkpoint file (full or packed) or run folder, which means its latest.npz "
-                        "(default: %(default)s)")
-    g.add_argument("--kernel", choices=("addsub", "blas"), default="addsub",
-                   help="ternary layers by additions/subtractions only, or by float GEMVs "
-                        "(default: %(default)s)")
-    g.add_argument("--ema", action="store_true",
-                   help="use the checkpoint's EMA-averaged weights (train.py --ema), as its evaluation "
-                        "does (default: the trained weights)")
-    g.add_argument("--head", choices=("full", "hier"), default=None,
-                   help="the output head to expect; it comes from the checkpoint, which was trained "
-                        "with train.py --head (default: whatever the checkpoint has)")
-    g = ap.add_argument_group("prompt and length")
-    g.add_argument("--prompt", default="", metavar="TEXT",
-                   help="text to continue (default: empty, which starts from <|endoftext|>)")
-    g.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                   help="tokens to generate per sample (default: %(default)s)")
-    g.add_argument("--num-samples", type=int, default=1, metavar="N",
-                   help="independent continuations of the prompt (default: %(default)s)")
-    g.add_argument("--no-stop", action="store_true",
-                   help="keep going past <|endoftext|> (default: stop there)")
-    g = ap.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                   help="divide the logits by T; 0 = greedy, always the most likely token "
-                        "(default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=200, metavar="K",
-                   help="sample among the K most likely tokens; 0 = all (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample from the smallest set of tokens with probability >= P (nucleus); "
-                        "1 = off (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=1337,
-                   help="random seed: the same seed gives the same text (default: %(default)s)")
+    config.add_arguments(ap, SampleConfig)
     args = ap.parse_args(argv)
-    if args.max_new_tokens < 0:
-        ap.error("--max-new-tokens must be >= 0")
-    if args.num_samples < 1:
-        ap.error("--num-samples must be >= 1")
-    if args.temperature < 0:
-        ap.error("--temperature must be >= 0")
-    if args.top_k < 0:
-        ap.error("--top-k must be >= 0 (0 = no top-k)")
-    if not 0 < args.top_p <= 1:
-        ap.error("--top-p must be in (0, 1]")
-    return args
+    try:
+        return config.from_args(SampleConfig, args)
+    except ValueError as e:                  # NaN, inf or out of range: one line naming the flag
+        ap.error(str(e))
 
 
 class TextStream:

@@ -2,26 +2,27 @@
 
 Inside the file (np.savez, no pickle):
     param/<name>    the model's latent float weights, one array per parameter
-    opt/<key>       optimizer and EMA state (flat dicts from their state_dict(), keys prefixed)
+    opt/<key>       optimizer and EMA state (optimizer_state below: "adamw/m/<name>", ...)
     cmap/<key>      the hierarchical head's class map, when the model has one
     meta            a JSON document: format version, model config, step, tokens seen, random
                     state, training arguments, data fingerprint, validation loss
 
 A run folder holds `latest.npz` (every save) and `best.npz` (best validation loss so far).
-`Model.load(path)` takes either file or the folder (then `latest.npz`).
+`Model.load(path)` (model.py) takes either file or the folder (then `latest.npz`).
 
 Writes go to a temporary file first, are flushed to disk, then renamed over the old file (fileio.py):
 a crash or a full disk in the middle leaves the previous checkpoint as it was. On load, the zip's CRC checks
 catch a truncated or corrupted file, and the config is checked against the arrays, so a damaged
 or foreign file gives a CheckpointError that says what is wrong instead of a model with garbage.
 """
+import contextlib
 import json
 import os
 import zipfile
 
 import numpy as np
 
-from .fileio import atomic_open
+from .fileio import FolderBusy, atomic_open, folder_lock, remove_stale_temps
 
 FORMAT = "nanoternary-checkpoint-1"
 LATEST, BEST = "latest.npz", "best.npz"
@@ -42,6 +43,37 @@ def save_checkpoint(path, params, meta, opt_state=None, class_map=None):
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_open(path) as f:                    # a full disk, Ctrl-C: the old file stays as it was
         np.savez(f, **arrays)
+
+
+RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png")
+
+
+@contextlib.contextmanager
+def run_folder(out, resuming=False, overwrite=False):
+    """The run folder `out`, held for the block: made if needed, locked so that a second run on it
+    refuses (fileio.folder_lock), the temporary files of a killed run removed. A new run refuses a
+    folder that holds another run's files, unless `overwrite` (then they are removed first)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out} is a file, not a folder: choose another --out")
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(out, exist_ok=True)
+            stack.enter_context(folder_lock(out, "a training run"))
+        except FolderBusy as e:
+            raise CheckpointError(f"--out {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot write to --out {out} ({e.strerror or e}): choose a folder "
+                                  f"you can write to") from None
+        for path in remove_stale_temps(out):
+            print(f"removed {path}: a checkpoint that a killed run did not finish writing")
+        old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        if old and not resuming:
+            if not overwrite:
+                raise CheckpointError(f"{out}/ already holds a run ({', '.join(old)}): continue it with "
+                                      f"--resume, start over with --overwrite, or choose another --out")
+            for f in old:
+                os.remove(os.path.join(out, f))
+        yield out
 
 
 def resolve(path):
@@ -107,42 +139,6 @@ def load_checkpoint(path):
     return groups["param"], meta, groups["opt"], groups["cmap"]
 
 
-def load_model(path, dtype=None):
-    """A Model with the checkpoint's config and weights (dtype: the saved one unless given)."""
-    from .model import Model, ModelConfig, param_shapes
-    params, meta, _, cmap_state = load_checkpoint(path)
-    try:
-        cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{resolve(path)}: its model config is missing or invalid ({e})") from None
-    check_params(params, param_shapes(cfg), resolve(path))
-    dtype = np.dtype(dtype) if dtype is not None else next(iter(params.values())).dtype
-    class_map = None
-    if cfg.head == "hier":
-        class_map = check_class_map(cmap_state, cfg, params["head.class_w"].shape[0], resolve(path))
-    model = Model(cfg, seed=0, dtype=dtype, class_map=class_map)
-    for k, v in params.items():
-        model.params[k] = np.ascontiguousarray(v, dtype=dtype)
-    model.meta = meta
-    return model
-
-
-def check_class_map(state, cfg, n_classes, where):
-    """The hier head's class map from a checkpoint, checked against the model it belongs to."""
-    from .ops.hier_head import ClassMap
-    if "token_class" not in state:
-        raise CheckpointError(f"{where}: a hier-head checkpoint without its class map (cmap/token_class)")
-    tc = state["token_class"]
-    if tc.shape != (cfg.vocab_size,) or tc.min() < 0 or tc.max() >= n_classes:
-        raise CheckpointError(f"{where}: its class map does not fit the model ({tc.shape[0]} tokens, "
-                              f"classes {tc.min()}..{tc.max()}; the model has {cfg.vocab_size} tokens and "
-                              f"{n_classes} classes)")
-    try:
-        return ClassMap.from_state(state)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: its class map is invalid ({e})") from None
-
-
 def check_params(params, shapes, where):
     """Every expected tensor present with its shape, nothing else: or a CheckpointError naming it."""
     missing = sorted(set(shapes) - set(params))
@@ -156,3 +152,63 @@ def check_params(params, shapes, where):
                                   f"needs {tuple(shape)}")
         if not np.isfinite(params[k]).all():
             raise CheckpointError(f"{where}: {k} contains NaN or infinite values")
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer state: the moments of AdamW and NorMuon, the EMA's averaged weights
+
+
+def optimizer_state(opt):
+    """A flat dict of arrays for np.savez: {"kind": ..., "m/<name>", "v/<name>", "t/<name>"} for
+    AdamW and NorMuon, {"kind", "num_updates", "shadow/<name>"} for the EMA. Hyperparameters are not
+    stored: they come from the run's config."""
+    if opt.kind == "EMA":
+        return {"kind": "EMA", "num_updates": opt.num_updates, **{"shadow/" + k: s for k, s in opt.shadow.items()}}
+    d = {"kind": opt.kind}
+    for k in opt.names:
+        d["m/" + k], d["v/" + k], d["t/" + k] = opt.m[k], opt.v[k], opt.t[k]
+    return d
+
+
+def optimizers_state(optimizers):
+    """{"muon": NorMuon, "adamw": AdamW, ...} -> one flat dict for save_checkpoint's opt_state,
+    each optimizer's entries under its name: "adamw/m/embed.w", ..."""
+    return {f"{name}/{k}": v for name, o in optimizers.items() for k, v in optimizer_state(o).items()}
+
+
+def load_optimizers(state, optimizers, where):
+    """Restore every optimizer of {"muon": NorMuon, ...} from a checkpoint's optimizer state (the
+    third part of load_checkpoint's answer); `where` names the checkpoint in errors."""
+    for name, o in optimizers.items():
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
+        if not part:
+            raise CheckpointError(f"{where} has no {name} state to resume from")
+        load_optimizer_state(o, part, where)
+
+
+def load_optimizer_state(opt, d, where="checkpoint"):
+    """Restore what optimizer_state saved into the live optimizer `opt` (copied, shapes checked),
+    or a CheckpointError naming what does not fit."""
+    kind = str(np.asarray(d.get("kind", opt.kind)))
+    if kind != opt.kind:
+        raise CheckpointError(f"{where}: holds the state of a {kind} where a {opt.kind} was expected")
+    if opt.kind == "EMA":
+        arrays = {"shadow/" + k: s for k, s in opt.shadow.items()}
+    else:
+        arrays = {f"{s}/{k}": getattr(opt, s)[k] for k in opt.names for s in ("m", "v")}
+    counts = {"num_updates"} if opt.kind == "EMA" else {"t/" + k for k in opt.names}
+    missing = [k for k in (*arrays, *counts) if k not in d]
+    extra = sorted(set(d) - set(arrays) - counts - {"kind"})
+    if missing or extra:
+        raise CheckpointError(f"{where}: the {opt.kind} state does not fit this model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for k, live in arrays.items():
+        saved = np.asarray(d[k])
+        if saved.shape != live.shape:
+            raise CheckpointError(f"{where}: {opt.kind} {k} has shape {saved.shape}, expected {live.shape}")
+        np.copyto(live, saved, casting="same_kind")
+    if opt.kind == "EMA":
+        opt.num_updates = int(np.asarray(d["num_updates"]))
+    else:
+        for k in opt.names:
+            opt.t[k] = int(np.asarray(d["t/" + k]))

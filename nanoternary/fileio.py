@@ -8,19 +8,92 @@ through here.
         np.savez(f, **arrays)
     with atomic_path("data/x.parquet") as tmp:    # a path, for writers that want one
         pq.write_table(table, tmp)
+    remove_stale_temps("out")                     # at start: temporary files of dead writers
+    with folder_lock("out", "a training run"):    # one writer per folder, for the block's life
+        ...
+
+A process killed outright (kill -9, a power cut) cannot remove its temporary file. So the name of
+each one says who writes it: `<name>.<host>-<pid>-<random>.tmp`, e.g.
+`latest.npz.myhost-4242-1f2e3d4c.tmp`. remove_stale_temps() deletes those of this host whose
+process has ended, and never one of a process that still runs (it may be writing it right now).
+
+New files get the usual permissions (0o666 minus the process's umask, as open() gives), not the
+0600 of tempfile.mkstemp, so that another user can read a cache or a checkpoint.
 """
 import contextlib
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
+
+try:
+    import fcntl                                  # POSIX; on Windows folder_lock does not lock
+except ImportError:
+    fcntl = None
+
+# The host part of temporary names: letters, digits and '-' only, so a name parses back unambiguously.
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:40] or "host"
+_TEMP_NAME = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp$")
+
+
+def temp_path(path):
+    """Create an empty temporary file next to `path`, named for this host and process; return its path."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        tmp = f"{path}.{HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            # O_EXCL: a new file, never someone else's; mode 0o666 is reduced by the umask, as for open()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:                   # 1 in 4 billion: draw another name
+            continue
+        os.close(fd)
+        return tmp
+
+
+def _process_exists(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)                           # signal 0: no signal, only the check that pid exists
+    except ProcessLookupError:
+        return False
+    except OSError:                               # PermissionError: it exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder):
+    """Remove the temporary files in `folder` (not in its subfolders) whose writer has ended; return
+    their paths. Only names made by temp_path() are considered, only those of this host (a process
+    id means nothing on another machine that shares the folder), and a file is kept while its process
+    still runs. A process id reused since (after a reboot) merely keeps a stale file a while longer.
+    Machines or containers sharing a folder must have different host names. On Windows, where this
+    check is not available, nothing is removed."""
+    if os.name != "posix":
+        return []                                 # os.kill(pid, 0) would terminate the process there
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for name in sorted(names):
+        m = _TEMP_NAME.search(name)
+        if m is None or m["host"] != HOST or _process_exists(int(m["pid"])):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except OSError:                           # cleaned up by another process first, or not ours to remove
+            pass
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path next to `path`; renamed to `path` when the block succeeds."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:               # to disk before the rename makes it visible
@@ -37,3 +110,34 @@ def atomic_open(path, mode="wb"):
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
+
+
+class FolderBusy(OSError):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what):
+    """Hold an exclusive lock on `folder`/.lock for the block, so that two processes never write the
+    same run folder. The lock is the kernel's (fcntl.flock): it goes away with the process, however
+    it ends (kill -9 included), so a stale lock never blocks the next run. The file names its holder
+    (`what`, pid, host, start time) for the message the second process gets. Raises FolderBusy, or
+    OSError when the folder cannot be written."""
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a+")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise FolderBusy(f"{folder}/ is in use by {holder}: wait for it to end or stop it, "
+                                 f"or use another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        yield
+    finally:
+        f.close()                                 # closing the file releases the lock

@@ -98,22 +98,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import (CheckpointError, check_params, check_zip, load_checkpoint, load_model,
-                         read_npz, resolve)
+from .checkpoint import CheckpointError, check_params, check_zip, load_checkpoint, read_npz, resolve
 from .fileio import atomic_open
-from .model import TERNARY, Model, ModelConfig, param_shapes
+from .classmap import ClassMap
+from .model import TERNARY, Model, ModelConfig, block_forward, n_hier_classes, param_shapes, quantize
 from .ops.conv import conv1d_forward
-from .ops.gates import relu2_glu_forward, sigmoid_gate_forward
 from .ops.hier_head import hier_log_probs
 from .ops.norm import rmsnorm_forward
-from .ops.ternary import addsub_plan, ternary_linear_forward
+from .ops.ternary import addsub_plan
 from .pack import SCHEMES, bits_per_weight, pack, unpack
 from .sampling import sample_token
 
 from .tokenizer import EOT          # GPT-2's <|endoftext|>: the start token of an empty prompt
 PACKED_FORMAT = "nanoternary-packed-1"
 KERNELS = ("addsub", "blas")
-ADDSUB_CHUNK = 1 << 20               # prompt pass, "addsub": at most this many gathered values at once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,9 +140,9 @@ class InferenceWeights:
 
 
 def weights_from_model(model):
-    """A Model's weights for generation: `model._quantized()` ternary weights (quantized now) and
+    """A Model's weights for generation: its ternary weights quantized now (model.quantize) and
     its float tensors (the model's own arrays, not copies): build a new Generator after training more."""
-    q = model._quantized()
+    q = quantize(model.params, model.cfg)
     ternary = {}
     for name in TERNARY:
         wt, s = q[name]
@@ -158,7 +156,7 @@ def weights_from_model(model):
 
 
 def _peek_kind(path):
-    """"packed" or "full", reading only the meta member (a full checkpoint is validated by load_model)."""
+    """"packed" or "full", reading only the meta member (a full checkpoint is validated by Model.load)."""
     check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -189,8 +187,8 @@ def load_weights(path, dtype=None, ema=False):
 
 
 def _load_full(path, dtype=None, ema=False):
-    """load_model, with the EMA weights (opt/ema/shadow/<name>) in place of the trained ones if ema."""
-    model = load_model(path, dtype=dtype)
+    """Model.load, with the EMA weights (opt/ema/shadow/<name>) in place of the trained ones if ema."""
+    model = Model.load(path, dtype=dtype)
     if ema:
         _, _, opt, _ = load_checkpoint(path)
         prefix = "ema/shadow/"
@@ -223,7 +221,7 @@ def export_packed(source, path, scheme="2bit", embed_fp16=False, ema=False):
     """Write a compact generation checkpoint; -> a report dict (sizes in bytes, bits per weight).
 
     source: a Model, or a checkpoint path (file or run folder). The four ternary matrices are
-    quantized with the model's own rule (`Model._quantized`) and packed with `scheme` ("2bit" or
+    quantized with the model's own rule (model.quantize) and packed with `scheme` ("2bit" or
     "base3"); every other tensor is stored as float (embed.w as float16 if embed_fp16: half the
     file, a rounding of the embedding, so logits change slightly). ema=True packs a checkpoint's
     EMA-averaged weights instead of the trained ones.
@@ -330,111 +328,66 @@ def load_packed(path, dtype=None):
     params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in groups["param"].items()}
     class_map = None
     if cfg.head == "hier":
-        from .checkpoint import check_class_map
-        class_map = check_class_map(groups["cmap"], cfg, params["head.class_w"].shape[0], path)
+        class_map = ClassMap.from_checkpoint(groups["cmap"], cfg.vocab_size, n_hier_classes(cfg), path)
     return InferenceWeights(cfg, params, ternary, class_map, meta, "packed", path)
 
 
 # ----------------------------------------------------------------------------------------------
-# the two per-token building blocks: a ternary matvec and a dilated conv with its ring buffer
+# the one place where generation differs from the model's forward: the convolution's input
 
 
-class AddSubMatvec:
-    """y = s * (W_t @ x) for one input x (I,), by additions and subtractions (module docstring).
+class RingConv:
+    """The convs (gate and value) of one ConvMixer layer in one block application, called by
+    model.mixer_forward in place of conv1d_forward(u, w, D, G), with a ring buffer of the layer's
+    last L = (K-1)*D inputs (module docstring):
 
-    Built once from `addsub_plan(W_t)`; every buffer is allocated here, so a call allocates nothing.
-    The returned y is that buffer: use it before the next call.
+      - the prompt (u (1, T, C) from position 0): plain conv1d_forward; the empty ring is exactly
+        the causal zero padding;
+      - one new position t (u (1, 1, C)): the K inputs it reads, u_{t-(K-1-k)D} for k < K-1 from
+        the ring and u_t itself, then ops/conv.py's equation at that one position,
+            y[o] = sum_k sum_i w[o, i, k] * tap_k[g(o)*Ci + i]
+
+    Gate and value read the same u: the first call (the gate's) gathers the taps and then writes the
+    new inputs into the ring; the second (the value's) reuses the taps.
     """
 
-    def __init__(self, wt, s, dtype):
-        plan = addsub_plan(wt)
-        O, I = wt.shape
-        (pc, pn), (mc, mn) = plan["plus"], plan["minus"]
-        # one signed index list, row by row: row o's +1 columns i, then its -1 columns as I + i
-        rows = np.concatenate([np.repeat(np.arange(O), pn), np.repeat(np.arange(O), mn)])
-        cols = np.concatenate([pc, I + mc])
-        empty = np.flatnonzero(pn + mn == 0)      # all-zero rows read the zero at 2I
-        rows = np.concatenate([rows, empty])
-        cols = np.concatenate([cols, np.full(empty.size, 2 * I)])
-        order = np.argsort(rows, kind="stable")   # stable: within a row, +1 columns first, ascending
-        self.idx = cols[order].astype(np.intp)
-        counts = np.bincount(rows, minlength=O)   # >= 1 for every row now
-        self.starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.intp)
-        self.I, self.s = I, s
-        self.xx = np.zeros(2 * I + 1, dtype=dtype)           # [x, -x, 0]
-        self.vals = np.empty(self.idx.size, dtype=dtype)     # the gathered values
-        self.y = np.empty(O, dtype=dtype)
+    def __init__(self, kernel_size, dilation, channels, dtype):
+        self.L = (kernel_size - 1) * dilation
+        self.ring = np.zeros((self.L, channels), dtype=dtype)  # row p mod L holds u_p; zeros for p < 0
+        self.back = np.arange(kernel_size - 1) * dilation      # tap k < K-1 sits at row (t + kD) mod L
+        self.t = 0                                             # the position of the next input
+        self.u_in = self.taps = None
 
-    def __call__(self, x):
-        # x (I,) -> y (O,)
-        I = self.I
-        self.xx[:I] = x
-        np.negative(x, out=self.xx[I:2 * I])
-        np.take(self.xx, self.idx, out=self.vals)            # gather: +x_i and -x_i, row after row
-        np.add.reduceat(self.vals, self.starts, out=self.y)  # segmented sums: one per output row
-        if self.s != 1.0:
-            self.y *= self.s                                  # BitNet's per-tensor scale, if used
-        return self.y
+    def __call__(self, u, w, D, G):
+        # u (1,T,C), w (C_out, C/G, K) -> y (1,T,C_out), cache: as conv1d_forward
+        C_out, Ci, K = w.shape
+        first = u is not self.u_in
+        self.u_in = u
+        if u.shape[1] > 1:                                     # the prompt, from position 0
+            if first:
+                assert self.t == 0, "a prompt of several tokens starts at position 0"
+                self._write(u[0])
+            return conv1d_forward(u, w, D, G)
+        if first:
+            taps = np.concatenate((self.ring[(self.t + self.back) % self.L], u[0])) if self.L else u[0]
+            # (K, C) -> (G, Ci*K, 1): group g's inputs i at every tap k, ordered like w's (i, k)
+            self.taps = taps.reshape(K, G, Ci).transpose(1, 2, 0).reshape(G, Ci * K, 1)
+            self._write(u[0])
+        y = np.matmul(w.reshape(G, C_out // G, Ci * K), self.taps)       # (G, Co, 1): the sum over i, k
+        return y.reshape(1, 1, C_out), None
 
-
-class BlasMatvec:
-    """y = s * (W_t @ x) as one float GEMV: the comparison path."""
-
-    def __init__(self, wt, s, dtype):
-        self.w = np.ascontiguousarray(wt, dtype=dtype)
-        self.s = s
-        self.y = np.empty(wt.shape[0], dtype=dtype)
-
-    def __call__(self, x):
-        # x (I,) -> y (O,)
-        np.dot(self.w, x, out=self.y)
-        if self.s != 1.0:
-            self.y *= self.s
-        return self.y
-
-
-class ConvRing:
-    """One causal dilated grouped conv pair (gate and value) of one block application, one token
-    at a time, with the ring buffer of its last L = (K-1)*D inputs (module docstring).
-
-    ring (G, L, Ci)      row p mod L holds u_p, group-major (group g's channels g*Ci .. g*Ci+Ci-1)
-    W    (G, K*Ci, 2Co)  W[g, k*Ci + i, o] = w_gate[g*Co + o, i, k]; columns Co + o: w_value
-    """
-
-    def __init__(self, w_gate, w_value, dilation, groups, dtype):
-        C_out, Ci, K = w_gate.shape
-        G, D = groups, dilation
-        Co = C_out // G
-        self.G, self.Ci, self.Co, self.K, self.D = G, Ci, Co, K, D
-        self.L = (K - 1) * D
-        self.ring = np.zeros((G, self.L, Ci), dtype=dtype)
-        # (C_out, Ci, K) -> (G, Co, Ci, K) -> (G, K, Ci, Co) -> (G, K*Ci, Co): row k*Ci + i, column o
-        split = lambda w: w.reshape(G, Co, Ci, K).transpose(0, 3, 2, 1).reshape(G, K * Ci, Co)
-        self.W = np.ascontiguousarray(np.concatenate([split(w_gate), split(w_value)], axis=2), dtype=dtype)
-        self.kD = np.arange(K - 1) * D             # tap k < K-1 sits at row (t + kD) mod L
-
-    def fill(self, u):
-        # u (T, C): this conv's inputs over the whole prompt -> the ring as it is at position t = T
+    def _write(self, u):
+        # u (T, C): the inputs at positions t .. t+T-1 become history; the last L go to their rows
         T = u.shape[0]
-        self.ring[:] = 0                           # positions < 0: the causal zero padding
-        if self.L == 0:
-            return
-        p = np.arange(max(0, T - self.L), T)       # the last L positions (fewer if T < L)
-        self.ring[:, p % self.L] = u[p].reshape(-1, self.G, self.Ci).transpose(1, 0, 2)
-
-    def step(self, u, t):
-        # u (C,) the input at position t -> z (C,) = sigmoid(conv_gate) * conv_value at t
-        G, Ci, Co, K = self.G, self.Ci, self.Co, self.K
-        ug = u.reshape(G, 1, Ci)
         if self.L:
-            rows = (t + self.kD) % self.L                                    # taps 0 .. K-2
-            taps = np.concatenate((self.ring[:, rows], ug), axis=1)          # (G, K, Ci)
-            self.ring[:, t % self.L] = ug[:, 0]                              # u_t over u_{t-L}
-        else:
-            taps = ug
-        y = np.matmul(taps.reshape(G, 1, K * Ci), self.W)                    # (G, 1, 2Co)
-        z, _ = sigmoid_gate_forward(y[:, 0, :Co], y[:, 0, Co:])              # (G, Co)
-        return z.reshape(G * Co)
+            p = np.arange(max(0, T - self.L), T)
+            self.ring[(self.t + p) % self.L] = u[p]
+        self.t += T
+
+    def reset(self):
+        self.ring[:] = 0
+        self.t = 0
+        self.u_in = self.taps = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,24 +436,13 @@ class Generator:
         if kernel == "addsub" and not cfg.ternary:
             raise ValueError("kernel 'addsub' needs ternary weights; this model has float weights "
                              "(ternary=False): use kernel='blas'")
-        # ternary layers: the prompt pass uses the op (float W_t or a plan), the step a matvec
-        self.tern = {}
-        for name, (wt, s) in w.ternary.items():
-            s = dt.type(s)
-            self.tern[name] = (wt.astype(dt), s, addsub_plan(wt) if kernel == "addsub" else None)
-        Matvec = AddSubMatvec if kernel == "addsub" else BlasMatvec
-        (wg, sg), (wu, su) = w.ternary["block.glu.gate.w"], w.ternary["block.glu.up.w"]
-        self.mv_out = Matvec(*w.ternary["block.mix.out.w"], dt)
-        self.mv_down = Matvec(*w.ternary["block.glu.down.w"], dt)
-        if sg == su:              # gate and up read the same u: one stacked (2H, C) matrix
-            self.mv_gateup = Matvec(np.concatenate([wg, wu]), sg, dt)
-        else:
-            self.mv_gate, self.mv_up = Matvec(wg, sg, dt), Matvec(wu, su, dt)
-            self.mv_gateup = None
-        # one ConvRing per conv of every block application (the weights are shared, the state not)
-        G = cfg.conv_groups
-        self.convs = [[ConvRing(p[f"block.mix.conv{i}.gate.w"], p[f"block.mix.conv{i}.value.w"], D, G, dt)
-                       for i, D in enumerate(cfg.dilations)] for _ in range(cfg.n_recursions)]
+        # the ternary layers, as model.quantize gives them, plus the kernel the op should use:
+        # block_forward calls ternary_linear_forward(x, *q[name]) = (x, W_t, s, kernel, plan)
+        self.q = {name: (wt.astype(dt), dt.type(s), kernel, addsub_plan(wt) if kernel == "addsub" else None)
+                  for name, (wt, s) in w.ternary.items()}
+        # one RingConv per ConvMixer layer of every block application (the weights are shared, the state not)
+        self.rings = [[RingConv(cfg.kernel_size, D, cfg.d_model, dt) for D in cfg.dilations]
+                      for _ in range(cfg.n_recursions)]
         # the head
         if cfg.head == "full":
             self.E = p["embed.w"]                                  # (V, C), rows by token id
@@ -517,82 +459,40 @@ class Generator:
         self.pos = 0
         self.stats = GenStats()
 
-    # ------------------------------------------------------------------ the model, two ways
+    # ------------------------------------------------------------------ the model, position by position
 
     def _embed(self, ids):
         # ids (...) int -> (..., C)
         return self.E[ids] if self.row_of is None else self.E[self.row_of[ids]]
 
-    def _linear(self, name, x):
-        # x (N, I) -> (N, O): the op, with this generator's kernel (row chunks for addsub)
-        wt, s, plan = self.tern[name]
-        if plan is None:
-            return ternary_linear_forward(x, wt, s, kernel="blas")[0]
-        nnz = plan["plus"][0].size + plan["minus"][0].size
-        rows = max(1, ADDSUB_CHUNK // max(nnz, 1))
-        if x.shape[0] <= rows:
-            return ternary_linear_forward(x, wt, s, kernel="addsub", plan=plan)[0]
-        return np.concatenate([ternary_linear_forward(x[i:i + rows], wt, s, kernel="addsub", plan=plan)[0]
-                               for i in range(0, x.shape[0], rows)])
+    def _forward(self, ids):
+        # ids (T,) the tokens at positions self.pos .. self.pos+T-1 -> h (T, C) their final hidden
+        # states. The model's own op list (model.block_forward); only the convs read their rings.
+        x = self._embed(ids)[None]                                           # (1, T, C)
+        for r in range(self.cfg.n_recursions):
+            x, _ = block_forward(x, self.p, self.q, self.cfg, convs=self.rings[r])
+        h, _ = rmsnorm_forward(x, self.p["norm_f.g"])
+        self.pos += len(ids)
+        return h[0]
 
     def prefill(self, ids):
-        # ids (T,) int -> H (T, C) final hidden state of every position; the rings now hold
-        # everything position T needs. The op list of Model._block_forward, with B = 1.
+        # ids (T,) int -> H (T, C) final hidden state of every position, from an empty state; the
+        # rings then hold everything position T needs
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        T = ids.size
-        if T == 0:
+        if ids.size == 0:
             raise ValueError("prefill needs at least one token (generate() starts an empty prompt with eot)")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        p, cfg = self.p, self.cfg
-        C, G = cfg.d_model, cfg.conv_groups
-        x = self._embed(ids)[None]                                           # (1, T, C)
-        for r in range(cfg.n_recursions):
-            # ConvMixer
-            h, _ = rmsnorm_forward(x, p["block.norm_mix.g"])
-            for i, D in enumerate(cfg.dilations):
-                u, _ = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
-                self.convs[r][i].fill(u[0])                                  # the ring at position T
-                a, _ = conv1d_forward(u, p[f"block.mix.conv{i}.gate.w"], D, G)
-                v, _ = conv1d_forward(u, p[f"block.mix.conv{i}.value.w"], D, G)
-                z, _ = sigmoid_gate_forward(a, v)
-                h = h + z
-            x = x + self._linear("block.mix.out.w", h.reshape(T, C)).reshape(1, T, C)
-            # TernaryGLU
-            u, _ = rmsnorm_forward(x, p["block.norm_glu.g"])
-            u = u.reshape(T, C)
-            a = self._linear("block.glu.gate.w", u)
-            b = self._linear("block.glu.up.w", u)
-            z, _ = relu2_glu_forward(a, b)
-            x = x + self._linear("block.glu.down.w", z).reshape(1, T, C)
-        h, _ = rmsnorm_forward(x, p["norm_f.g"])
-        self.pos = T
-        return h[0]
+        for ring in (ring for rings in self.rings for ring in rings):
+            ring.reset()
+        self.pos = 0
+        return self._forward(ids)
 
     def step(self, token):
-        # token int at position self.pos -> h (C,) its final hidden state; advances self.pos.
-        # The same op list on one row; the convs read their rings instead of the whole sequence.
-        p, cfg, t = self.p, self.cfg, self.pos
-        if not 0 <= token < cfg.vocab_size:
-            raise ValueError(f"token {token} is not in [0, {cfg.vocab_size})")
-        x = self._embed(token).copy()                                        # (C,)
-        for r in range(cfg.n_recursions):
-            h, _ = rmsnorm_forward(x, p["block.norm_mix.g"])
-            for i, conv in enumerate(self.convs[r]):
-                u, _ = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
-                h += conv.step(u, t)
-            x += self.mv_out(h)
-            u, _ = rmsnorm_forward(x, p["block.norm_glu.g"])
-            if self.mv_gateup is not None:
-                ab = self.mv_gateup(u)                                       # (2H,) = [gate; up]
-                H = ab.shape[0] // 2
-                z, _ = relu2_glu_forward(ab[:H], ab[H:])
-            else:
-                z, _ = relu2_glu_forward(self.mv_gate(u), self.mv_up(u))
-            x += self.mv_down(z)
-        h, _ = rmsnorm_forward(x, p["norm_f.g"])
-        self.pos = t + 1
-        return h
+        # token int at position self.pos -> h (C,) its final hidden state; advances self.pos
+        if not 0 <= token < self.cfg.vocab_size:
+            raise ValueError(f"token {token} is not in [0, {self.cfg.vocab_size})")
+        return self._forward([token])[0]
 
     # ------------------------------------------------------------------ the head
 

@@ -1,11 +1,12 @@
 """GPT-2's token embedding projected to d_model dimensions by truncated SVD: the reference's init.
 
-FlashLM v3 (see ../shared/DESIGN.md) starts its 50257 x 256 tied embedding from GPT-2's token
-embedding `wte.weight` (openai-community/gpt2, 50257 x 768) projected to 256 dimensions by a
-truncated SVD, P = U_k S_k. This file does that with NumPy alone:
+FlashLM v3 starts its 50257 x 256 tied embedding from GPT-2's token embedding `wte.weight`
+(openai-community/gpt2, 50257 x 768) projected to 256 dimensions by a truncated SVD, P = U_k S_k.
+This file does that with NumPy alone:
 
     fetch_gpt2_wte()       reads only the wte tensor (154 MB of the 548 MB model.safetensors) through
-                           huggingface_hub's HfFileSystem: the safetensors header, then one byte range
+                           huggingface_hub's HfFileSystem: the safetensors header, then one byte
+                           range, and nothing more (no read-ahead)
     svd_project(W, d)      P = U_d S_d and the fraction of the variance kept
     load_gpt2_embedding(d) the two above, cached as data/gpt2_wte_svd{d}.npy; None when offline
     random_embedding(...)  the fallback: N(0, std^2), as the PyTorch peer initialises (std 0.02)
@@ -39,12 +40,14 @@ import urllib.parse
 
 import numpy as np
 
-from .fileio import atomic_open
+from .data import brief, call_with_timeout
+from .fileio import atomic_open, remove_stale_temps
 
 GPT2_PATH = "openai-community/gpt2/model.safetensors"  # HfFileSystem path: repo id + file
 WTE_NAMES = ("wte.weight", "transformer.wte.weight")     # GPT-2's file says the first; HF's
                                                          # GPT2LMHeadModel exports say the second
 GPT2_VOCAB, GPT2_DIM = 50257, 768
+HUB_TIMEOUT = 15.0       # seconds the hub has to answer the opening of the file (see fetch_gpt2_wte)
 
 # safetensors dtype -> how to read its bytes (all little-endian). NumPy has no bfloat16: BF16 is
 # read as uint16 and widened to float32 (a bfloat16 is the top 16 bits of a float32).
@@ -101,13 +104,18 @@ def read_tensor(f, names):
 def fetch_gpt2_wte(fs=None, path=GPT2_PATH):
     """GPT-2's token embedding (50257, 768) as float32, read from model.safetensors on the hub.
 
-    fs: an fsspec filesystem; None for huggingface_hub.HfFileSystem (tests pass a local one).
-    Only the header and the wte bytes are transferred (HTTP range requests under HfFileSystem).
+    fs: an fsspec filesystem; None for huggingface_hub.HfFileSystem (some tests pass a local one).
+    Only the header and the wte bytes are transferred: the file is opened without read-ahead
+    (cache_type="none"), so each read is one HTTP range request for exactly the bytes asked for,
+    where fsspec's default cache would fetch a 5 MiB block for the 8-byte header size alone.
+    Opening the file (the repository's info and its folder listing, which has no timeout of its
+    own) must answer within HUB_TIMEOUT seconds, else data.HubUnreachable; the reads are bounded by
+    huggingface_hub's own timeout and retries (HF_HUB_DOWNLOAD_TIMEOUT, 10 s without a byte).
     """
     if fs is None:
         from huggingface_hub import HfFileSystem
         fs = HfFileSystem()
-    with fs.open(path, "rb") as f:
+    with call_with_timeout(lambda: fs.open(path, "rb", cache_type="none"), HUB_TIMEOUT) as f:
         W = read_tensor(f, WTE_NAMES)
     return W.astype(np.float32, copy=False)
 
@@ -263,21 +271,26 @@ def load_gpt2_embedding(d_model, cache_dir="data", fs=None, verbose=True, target
         try:
             W = fetch_gpt2_wte(fs, path)
         except Exception as e:  # the hub went away half-way, a proxy answered, ...: not fatal
-            say(f"gpt2_embed: could not fetch GPT-2's embedding ({type(e).__name__}: {e}), "
-                "using a random initialisation")
+            # one line: an HTTP error's own text runs over several (status, URL, the server's message)
+            say(f"gpt2_embed: could not fetch GPT-2's embedding ({brief(e)}), using a random initialisation")
             return None
         if W.shape[0] != vocab_size:
             raise ValueError(f"GPT-2's wte has {W.shape[0]} rows, the model's vocabulary {vocab_size}")
         P, kept = svd_project(W, d_model)
         src_shape = W.shape
         del W
-        os.makedirs(cache_dir, exist_ok=True)
-        _save_atomic(cache, lambda f: np.save(f, P))
-        _save_atomic(info_path, lambda f: f.write(json.dumps(
-            {"source": path, "tensor": "wte.weight", "shape": list(P.shape), "kept": kept,
-             "centred": False}).encode()))
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            remove_stale_temps(cache_dir)       # left by a run killed while saving
+            _save_atomic(cache, lambda f: np.save(f, P))
+            _save_atomic(info_path, lambda f: f.write(json.dumps(
+                {"source": path, "tensor": "wte.weight", "shape": list(P.shape), "kept": kept,
+                 "centred": False}).encode()))
+            where = f"cached as {cache}"
+        except OSError as e:                    # a folder we cannot write: the embedding is still good
+            where = f"not cached ({brief(e)}; make {cache_dir} writable to keep it)"
         say(f"gpt2_embed: GPT-2 wte {src_shape} -> {P.shape} by truncated SVD, "
-            f"{kept:.1%} of the variance kept; cached as {cache}")
+            f"{kept:.1%} of the variance kept; {where}")
     if target_std is not None:
         P *= np.float32(target_std / P.std())
     return P

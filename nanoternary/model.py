@@ -12,57 +12,59 @@
     h = RMSNorm(x)
     loss = cross-entropy(h @ E^T, targets)            full 50,257-way softmax (or the hier head)
 
-`Model.forward_hidden` is that list of op calls up to the final RMSNorm (`_block_forward` one
-application of the block); `Model._backward_hidden` and `_block_backward` are the same lists reversed,
-line for line. `loss_and_grads` puts them together with the head and the embedding's backward, and
-spreads the work over the cores. Parameters and their gradients are flat dicts with the same keys,
-e.g. "block.mix.conv0.gate.w"; see `param_shapes` for all of them. Usage (see ../shared/DESIGN.md):
+Read `Model.forward` and `Model.backward` (the same list of op calls, reversed), and the block
+functions they call. Everything runs in one thread, straight through: this is the model as it is
+written on paper. nanoternary/fast/ runs the same functions on several cores with a fused head,
+and tests/test_fast.py proves it equal to this file.
+
+Parameters and gradients are flat dicts with the same keys, e.g. "block.mix.conv0.gate.w" (see
+`param_shapes`). Gradients are returned, never stored on the model.
 
     model = Model(ModelConfig(), seed=0)              # float32; dtype=np.float64 for grad checks
     loss, grads = model.loss_and_grads(idx, targets)  # idx, targets (B, T) ints
 """
 import dataclasses
-import json
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from .checkpoint import CheckpointError, check_params, load_checkpoint, resolve
+from .config import check, setting
 from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
-from .ops.gates import (relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward,
-                        sigmoid_gate_forward)
-from .ops.head import log_softmax, max_row_norm, softmax_ce_forward, softmax_ce_fused
+from .ops.gates import relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward, sigmoid_gate_forward
+from .ops.head import log_softmax, nll, softmax_ce_backward, softmax_ce_forward
+from .classmap import ClassMap
+from .ops.hier_head import hier_ce_backward, hier_ce_forward, hier_log_probs, hier_nll
 from .ops.norm import rmsnorm_backward, rmsnorm_forward
-from .ops.ternary import (ternary_linear_backward, ternary_linear_forward, ternary_quantize,
-                          ternary_ste_backward)
-from .parallel import add_into, default_workers, run_shards
-from .profile import section
+from .ops.ternary import ternary_linear_backward, ternary_linear_forward, ternary_quantize, ternary_ste_backward
 
 
 @dataclass
 class ModelConfig:
     """The architecture. Defaults are the reference, FlashLM v3 (13.6M parameters)."""
-    vocab_size: int = 50257         # GPT-2's tokenizer; <|endoftext|> = 50256
-    d_model: int = 256              # C: width of the residual stream and of the tied embedding
-    glu_hidden: int = 683           # H: TernaryGLU inner width (256 * 8/3)
-    n_recursions: int = 2           # the one weight-shared block is applied this many times
-    dilations: tuple = (1, 4, 64)   # one ConvMixer layer per dilation
-    kernel_size: int = 4            # K: taps per causal conv
-    conv_groups: int = 16           # G: grouped convs, C/G channels per group
-    ternary: bool = True            # False: plain float weights (for finite-difference checks)
-    ternary_scale: bool = False     # True: BitNet b1.58's per-tensor scale mean(|W|) on the output
-    head: str = "full"              # "full" 50,257-way softmax, or "hier" two-level class softmax
-    hier_classes: int = 0           # hier head: number of classes; 0 -> round(sqrt(vocab_size))
-    head_chunk: int = 1024          # rows of logits computed at a time (memory: chunk x V floats)
+    vocab_size: int = setting(50257, "V: GPT-2's tokenizer; <|endoftext|> = 50256", range="[2, 65536]",
+                              cli=False, group="model")
+    d_model: int = setting(256, "C: width of the residual stream and of the tied embedding", range="[1, inf)")
+    glu_hidden: int = setting(683, "H: TernaryGLU inner width (256 * 8/3)", range="[1, inf)")
+    n_recursions: int = setting(2, "applications of the one weight-shared block", range="[1, inf)")
+    dilations: tuple = setting((1, 4, 64), "one ConvMixer layer per dilation, comma-separated", range="[1, inf)")
+    kernel_size: int = setting(4, "K: taps per causal conv", range="[1, inf)")
+    conv_groups: int = setting(16, "G: groups of the convs, d_model/G channels each", range="[1, inf)")
+    ternary: bool = setting(True, "False: plain float weights (for finite-difference checks)", cli=False)
+    ternary_scale: bool = setting(False, "BitNet b1.58's per-tensor scale mean|W| on the ternary outputs")
+    head: str = setting("full", "output head: the full 50,257-way softmax, or the hierarchical one",
+                        choices=("full", "hier"))
+    hier_classes: int = setting(0, "hier head: number of classes; 0 -> round(sqrt(vocab_size))", range="[0, inf)")
 
     def __post_init__(self):
         self.dilations = tuple(int(d) for d in self.dilations)
-        if self.head not in ("full", "hier"):
-            raise ValueError(f"head must be 'full' or 'hier', not {self.head!r}")
+        check(self)
         if self.d_model % self.conv_groups:
-            raise ValueError(f"d_model={self.d_model} must be divisible by conv_groups={self.conv_groups}")
+            raise ValueError(f"--d-model {self.d_model} must be divisible by --conv-groups {self.conv_groups}")
+        if self.hier_classes > self.vocab_size:
+            raise ValueError(f"--hier-classes must be at most the vocabulary size {self.vocab_size}")
 
     @property
     def receptive_field(self):
@@ -74,8 +76,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        d = {k: v for k, v in d.items() if k != "head_chunk"}     # a speed setting of older versions
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config fields {sorted(unknown)}")
         return cls(**d)
@@ -130,220 +132,231 @@ def init_params(cfg, rng, dtype=np.float32):
     return p
 
 
+def quantize(params, cfg):
+    """name -> (W_t, s) for the four ternary matrices: quantized once per forward, used by every
+    application of the block. ternary=False keeps the float weights (W, 1)."""
+    return {name: ternary_quantize(params[name], cfg.ternary_scale) if cfg.ternary else (params[name], 1.0)
+            for name in TERNARY}
+
+
+# ---------------------------------------------------------------------------------- the block
+# p: the parameters, q: their quantized ternary matrices (quantize), cfg: the ModelConfig.
+# Backward functions add their weight gradients into `grads`: the block is applied n_recursions
+# times with the same weights, so each application's gradients are summed there.
+
+
+def block_forward(x, p, q, cfg, convs=None):
+    # x (B,T,C) -> x (B,T,C), cache: one application of the weight-shared block
+    """x = x + ConvMixer(RMSNorm(x)); x = x + TernaryGLU(RMSNorm(x)). `convs`: see mixer_forward."""
+    h, c_norm_mix = rmsnorm_forward(x, p["block.norm_mix.g"])
+    m, c_mix = mixer_forward(h, p, q, cfg, convs)
+    x = x + m                                                            # residual
+    u, c_norm_glu = rmsnorm_forward(x, p["block.norm_glu.g"])
+    d, c_glu = glu_forward(u, q)
+    x = x + d                                                            # residual
+    return x, (c_norm_mix, c_mix, c_norm_glu, c_glu)
+
+
+def block_backward(dx, cache, cfg, grads):
+    # dx (B,T,C) -> dx (B,T,C): block_forward reversed
+    c_norm_mix, c_mix, c_norm_glu, c_glu = cache
+    du = glu_backward(dx, c_glu, grads)                                  # x = x + d, d = glu(u)
+    dxn, dg = rmsnorm_backward(du, c_norm_glu)
+    grads["block.norm_glu.g"] += dg
+    dx = dx + dxn                                                        # x reached the output twice
+    dh = mixer_backward(dx, c_mix, cfg, grads)                           # x = x + m, m = mixer(h)
+    dxn, dg = rmsnorm_backward(dh, c_norm_mix)
+    grads["block.norm_mix.g"] += dg
+    return dx + dxn
+
+
+def mixer_forward(h, p, q, cfg, convs=None):
+    # h (B,T,C) -> m (B,T,C), cache: the ConvMixer
+    """For each dilation D: u = RMSNorm(h); h = h + sigmoid(conv_gate(u)) * conv_value(u).
+    Then m = ternary_out(h). `convs`: one conv function per layer, with conv1d_forward's signature
+    (default conv1d_forward for all): generate.py passes ones that read a ring buffer."""
+    B, T, C = h.shape
+    convs = convs or [conv1d_forward] * len(cfg.dilations)
+    G = cfg.conv_groups
+    caches = []
+    for i, D in enumerate(cfg.dilations):
+        u, c_norm = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
+        a, c_gate = convs[i](u, p[f"block.mix.conv{i}.gate.w"], D, G)
+        v, c_value = convs[i](u, p[f"block.mix.conv{i}.value.w"], D, G)
+        z, c_sig = sigmoid_gate_forward(a, v)
+        h = h + z                                    # residual
+        caches.append((c_norm, c_gate, c_value, c_sig))
+    m, c_out = ternary_linear_forward(h.reshape(B * T, C), *q["block.mix.out.w"])
+    return m.reshape(B, T, C), (caches, c_out)
+
+
+def mixer_backward(dm, cache, cfg, grads):
+    # dm (B,T,C) -> dh (B,T,C): mixer_forward reversed
+    caches, c_out = cache
+    B, T, C = dm.shape
+    dh, dwt = ternary_linear_backward(dm.reshape(B * T, C), c_out)
+    grads["block.mix.out.w"] += ternary_ste_backward(dwt)
+    dh = dh.reshape(B, T, C)
+    for i in reversed(range(len(caches))):
+        c_norm, c_gate, c_value, c_sig = caches[i]
+        da, dv = sigmoid_gate_backward(dh, c_sig)    # h = h + z: dz = dh, and dh flows on
+        du, dw = conv1d_backward(dv, c_value)
+        grads[f"block.mix.conv{i}.value.w"] += dw
+        du2, dw = conv1d_backward(da, c_gate)
+        grads[f"block.mix.conv{i}.gate.w"] += dw
+        du += du2                                    # u fed both convs
+        dhn, dg = rmsnorm_backward(du, c_norm)
+        grads[f"block.mix.norm{i}.g"] += dg
+        dh = dh + dhn
+    return dh
+
+
+def glu_forward(u, q):
+    # u (B,T,C) -> d (B,T,C), cache: the TernaryGLU, down(relu(gate(u))^2 * up(u))
+    B, T, C = u.shape
+    u = u.reshape(B * T, C)
+    a, c_gate = ternary_linear_forward(u, *q["block.glu.gate.w"])       # (N, H)
+    b, c_up = ternary_linear_forward(u, *q["block.glu.up.w"])           # (N, H)
+    z, c_act = relu2_glu_forward(a, b)
+    d, c_down = ternary_linear_forward(z, *q["block.glu.down.w"])       # (N, C)
+    return d.reshape(B, T, C), (c_gate, c_up, c_act, c_down)
+
+
+def glu_backward(dd, cache, grads):
+    # dd (B,T,C) -> du (B,T,C): glu_forward reversed
+    c_gate, c_up, c_act, c_down = cache
+    B, T, C = dd.shape
+    dz, dwt = ternary_linear_backward(dd.reshape(B * T, C), c_down)
+    grads["block.glu.down.w"] += ternary_ste_backward(dwt)
+    da, db = relu2_glu_backward(dz, c_act)
+    du, dwt = ternary_linear_backward(db, c_up)
+    grads["block.glu.up.w"] += ternary_ste_backward(dwt)
+    du2, dwt = ternary_linear_backward(da, c_gate)
+    grads["block.glu.gate.w"] += ternary_ste_backward(dwt)
+    du += du2                                                            # u fed both gate and up
+    return du.reshape(B, T, C)
+
+
+# ---------------------------------------------------------------------------------- the model
+
+
 class Model:
-    """Parameters in `self.params` (name -> array). The methods compute from them and never store
-    gradients; the model's own generator `self.rng` draws the initial weights and, unless a
-    generator is passed, the positions counted by loss_frac."""
+    """Parameters in `self.params` (name -> array), the config in `self.cfg`, and for the hier head
+    its class map in `self.hier`. The model's own generator `self.rng` draws the initial weights
+    and, unless a generator is passed, the positions counted by loss_frac."""
 
     def __init__(self, cfg=None, seed=0, dtype=np.float32, class_map=None):
         self.cfg = cfg if cfg is not None else ModelConfig()
         self.dtype = np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.params = init_params(self.cfg, self.rng, self.dtype)
-        self.workers = default_workers()     # batch shards run in parallel (parallel.py)
         self.hier = None
         if self.cfg.head == "hier":
-            from .ops.hier_head import ClassMap
             self.hier = class_map if class_map is not None else ClassMap.default(
                 self.cfg.vocab_size, n_hier_classes(self.cfg))
 
-    # ------------------------------------------------------------------ the forward, op by op
+    # ------------------------------------------------------------------ forward and backward
 
-    def _quantized(self):
-        """Ternary weights, quantized once per forward (of each shard) and shared by both recursions."""
-        q = {}
-        for name in TERNARY:
-            w = self.params[name]
-            q[name] = ternary_quantize(w, self.cfg.ternary_scale) if self.cfg.ternary else (w, 1.0)
-        return q
+    def forward(self, idx, targets, rows=None, label_smoothing=0.0, z_loss=0.0):
+        # idx, targets (B,T) int, rows (n,) distinct positions in [0, B*T) or None -> loss, cache
+        """The mean loss over the counted positions (all of them when rows is None)."""
+        h, c_body = self.body_forward(idx)                                # (B*T, C)
+        y = np.asarray(targets).reshape(-1)
+        N = y.size
+        if rows is not None:                                              # only these positions count
+            h, y = h[rows], y[rows]
+        loss, c_head = self.head_forward(h, y, label_smoothing, z_loss)
+        return loss, (c_body, c_head, rows, N)
 
-    def _block_forward(self, x, q):
-        # x (B,T,C) -> x (B,T,C): one application of the weight-shared block
+    def body_forward(self, idx):
+        # idx (B,T) int -> h (B*T, C), cache: everything before the head
         p, cfg = self.params, self.cfg
-        B, T, C = x.shape
-        G = cfg.conv_groups
-        cache = {}
-        with section("convmixer"):
-            h, cache["norm_mix"] = rmsnorm_forward(x, p["block.norm_mix.g"])
-            for i, D in enumerate(cfg.dilations):
-                u, cache[f"norm{i}"] = rmsnorm_forward(h, p[f"block.mix.norm{i}.g"])
-                a, cache[f"conv{i}.gate"] = conv1d_forward(u, p[f"block.mix.conv{i}.gate.w"], D, G)
-                v, cache[f"conv{i}.value"] = conv1d_forward(u, p[f"block.mix.conv{i}.value.w"], D, G)
-                z, cache[f"gate{i}"] = sigmoid_gate_forward(a, v)
-                h += z                        # residual (in place: no cache holds this h)
-            m, cache["out"] = ternary_linear_forward(h.reshape(B * T, C), *q["block.mix.out.w"])
-            x = x + m.reshape(B, T, C)                                          # residual
-        with section("glu"):
-            u, cache["norm_glu"] = rmsnorm_forward(x, p["block.norm_glu.g"])
-            u = u.reshape(B * T, C)
-            a, cache["glu.gate"] = ternary_linear_forward(u, *q["block.glu.gate.w"])
-            b, cache["glu.up"] = ternary_linear_forward(u, *q["block.glu.up.w"])
-            z, cache["glu"] = relu2_glu_forward(a, b)
-            d, cache["glu.down"] = ternary_linear_forward(z, *q["block.glu.down.w"])
-            x = x + d.reshape(B, T, C)                                          # residual
-        return x, cache
+        idx = self.check_ids(idx)
+        B, T = idx.shape
+        q = quantize(p, cfg)
+        x, c_embed = embedding_forward(idx, p["embed.w"])
+        c_blocks = []
+        for _ in range(cfg.n_recursions):                                  # the SAME weights each time
+            x, c = block_forward(x, p, q, cfg)
+            c_blocks.append(c)
+        h, c_norm = rmsnorm_forward(x, p["norm_f.g"])
+        return h.reshape(B * T, cfg.d_model), (c_embed, c_blocks, c_norm)
 
-    def forward_hidden(self, idx):
-        # idx (B,T) int -> h (B*T, C): the final RMSNorm's output, what the head reads
-        idx = np.asarray(idx)
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be (B, T) token ids, got shape {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
-                             f"[{idx.min()}, {idx.max()}]")
-        with section("ternary quantize"):
-            q = self._quantized()
-        with section("embedding"):
-            x, c_embed = embedding_forward(idx, self.params["embed.w"])
-        block_caches = []
-        for _ in range(self.cfg.n_recursions):
-            x, c = self._block_forward(x, q)
-            block_caches.append(c)
-        h, c_norm_f = rmsnorm_forward(x, self.params["norm_f.g"])
-        B, T, C = h.shape
-        return h.reshape(B * T, C), (c_embed, block_caches, c_norm_f, q, (B, T, C))
+    def head_forward(self, h, y, label_smoothing=0.0, z_loss=0.0):
+        # h (n,C), y (n,) -> loss (mean over the n rows), cache
+        E = self.params["embed.w"]
+        if self.cfg.head == "full":
+            return softmax_ce_forward(h, E, y, label_smoothing, z_loss)
+        return hier_ce_forward(h, E, self.params["head.class_w"], self.hier, y, label_smoothing, z_loss)
 
-    # ------------------------------------------------------------------ the backward, reversed
+    def backward(self, cache):
+        # -> grads: name -> gradient of the loss, for every parameter
+        c_body, c_head, rows, N = cache
+        dh, grads_head = self.head_backward(c_head)
+        if rows is not None:                                              # uncounted rows get zero
+            dh_rows, dh = dh, np.zeros((N, dh.shape[1]), dh.dtype)
+            dh[rows] = dh_rows                                            # rows are distinct
+        grads, dx = self.body_backward(dh, c_body)
+        dE_lookup = embedding_backward(dx, c_body[0])
+        grads["embed.w"] = grads_head.pop("embed.w") + dE_lookup          # tied: head + lookup
+        grads.update(grads_head)
+        return grads
 
-    def _block_backward(self, dx, cache, q, grads):
-        # dx (B,T,C) -> dx (B,T,C); adds this application's weight gradients into grads
-        cfg = self.cfg
-        B, T, C = dx.shape
-        dtern = {}
-        with section("glu"):                          # TernaryGLU, reversed:  x = x + d
-            dd = dx.reshape(B * T, C)
-            dz, dtern["block.glu.down.w"] = ternary_linear_backward(dd, cache["glu.down"])
-            da, db = relu2_glu_backward(dz, cache["glu"])
-            du, dtern["block.glu.up.w"] = ternary_linear_backward(db, cache["glu.up"])
-            du2, dtern["block.glu.gate.w"] = ternary_linear_backward(da, cache["glu.gate"])
-            du = (du + du2).reshape(B, T, C)          # u fed both gate and up
-            dxn, dg = rmsnorm_backward(du, cache["norm_glu"])
-            grads["block.norm_glu.g"] += dg
-            dx = dx + dxn                             # residual: x reaches the output twice
-        with section("convmixer"):                    # ConvMixer, reversed:  x = x + out(h)
-            dh, dtern["block.mix.out.w"] = ternary_linear_backward(dx.reshape(B * T, C), cache["out"])
-            dh = dh.reshape(B, T, C)
-            for i in reversed(range(len(cfg.dilations))):
-                dz = dh                               # h = h + z: dz = dh, and dh flows on
-                da, dv = sigmoid_gate_backward(dz, cache[f"gate{i}"])
-                du, dw = conv1d_backward(dv, cache[f"conv{i}.value"])
-                grads[f"block.mix.conv{i}.value.w"] += dw
-                du2, dw = conv1d_backward(da, cache[f"conv{i}.gate"])
-                grads[f"block.mix.conv{i}.gate.w"] += dw
-                dhn, dg = rmsnorm_backward(du + du2, cache[f"norm{i}"])
-                grads[f"block.mix.norm{i}.g"] += dg
-                dh = dh + dhn
-            dxn, dg = rmsnorm_backward(dh, cache["norm_mix"])
-            grads["block.norm_mix.g"] += dg
-            dx = dx + dxn
-        for name, dwt in dtern.items():
-            grads[name] += ternary_ste_backward(dwt)  # STE: the latent weight gets dW_t
-        return dx
+    def head_backward(self, cache):
+        # -> dh (n,C), {"embed.w": the head's dE, "head.class_w": dWc for the hier head}
+        if self.cfg.head == "full":
+            dh, dE = softmax_ce_backward(1.0, cache)
+            return dh, {"embed.w": dE}
+        dh, dE, dWc = hier_ce_backward(1.0, cache)
+        return dh, {"embed.w": dE, "head.class_w": dWc}
 
-    def _backward_hidden(self, dh, cache, grads):
-        # dh (B*T, C) -> grads of the core (accumulated in place): the forward_hidden list, reversed.
-        # Returns the gradients at the input of each block application; the first is the gradient
-        # of the embedding lookup's output, for embedding_backward (done by the caller, which owns dE).
-        c_embed, block_caches, c_norm_f, q, (B, T, C) = cache
-        dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(B, T, C), c_norm_f)
-        dxs = []
-        for c in reversed(block_caches):             # the same weights: gradients summed
-            dx = self._block_backward(dx, c, q, grads)
-            dxs.insert(0, dx)
-        return dxs
+    def body_backward(self, dh, cache):
+        # dh (B*T, C) -> grads of the core (every parameter but embed.w and the head's),
+        #                dx (B,T,C) the gradient at the embedding's output (for embedding_backward)
+        """body_forward reversed."""
+        c_embed, c_blocks, c_norm = cache
+        grads = {k: np.zeros_like(v) for k, v in self.params.items() if k.startswith("block.")}
+        dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(c_norm[0].shape), c_norm)
+        for c in reversed(c_blocks):
+            dx = block_backward(dx, c, self.cfg, grads)                   # gradients summed in grads
+        return grads, dx
 
     # ------------------------------------------------------------------ the interface
 
-    def loss_and_grads(self, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss_frac=1.0,
-                       rng=None, train_embed=True):
+    def loss_and_grads(self, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss_frac=1.0, rng=None,
+                       train_embed=True):
         """Mean cross-entropy over the counted positions and its gradient for every parameter.
 
         Defaults differentiate exactly `loss()`. Training-only options (the reference's recipe):
         label_smoothing, z_loss, and loss_frac < 1 (a random fraction of positions, drawn from
-        `rng`, default the model's own generator). train_embed=False skips the embedding's gradient
-        (the frozen phase) and saves one of the head's three GEMMs; grads then has no "embed.w".
-
-        Three phases, each spread over `self.workers` cores (parallel.py): the forward of each shard
-        of the batch; the head over all rows (split by rows for the full head, by classes for the
-        hier head); the backward of each shard. The shards' weight gradients add up.
+        `rng`, default the model's own generator). train_embed=False: no "embed.w" in grads (the
+        frozen phase; nanoternary/fast/ then also skips computing it).
         """
         idx, targets = np.asarray(idx), np.asarray(targets)
-        B, T = targets.shape
-        rows = None
-        if loss_frac < 1.0:
-            rng = rng if rng is not None else self.rng
-            rows = np.sort(rng.choice(B * T, size=max(1, int(round(B * T * loss_frac))), replace=False))
-        shards = self._shards(B)
-        # 1. forward, one shard of the batch per core
-        fwd = run_shards(lambda b0, b1: self.forward_hidden(idx[b0:b1]), shards)
-        h = np.concatenate([h_s for h_s, _ in fwd])                      # (N, C)
-        # 2. the head over all N rows: the loss, dh, and the gradients of the head's weights
-        loss, dh, head_grads = self._head_loss_and_grads(h, targets.reshape(-1), rows, label_smoothing,
-                                                         z_loss, train_embed, [(a * T, b * T) for a, b in shards])
-
-        # 3. backward, one shard per core
-        def backward(i, b0, b1):
-            grads = {k: np.zeros_like(v) for k, v in self.params.items() if k not in ("embed.w", "head.class_w")}
-            dxs = self._backward_hidden(dh[b0 * T:b1 * T], fwd[i][1], grads)
-            return grads, dxs[0]
-        results = run_shards(backward, [(i, b0, b1) for i, (b0, b1) in enumerate(shards)])
-        grads = results[0][0]
-        with section("shard sum"):
-            for grads_s, _ in results[1:]:             # data parallel: sum the shards
-                for k in grads:
-                    grads[k] += grads_s[k]
-        grads.update(head_grads)
-        if train_embed:                                # tied: the head's dE plus the lookup's
-            with section("embedding"):
-                dx0 = np.concatenate([dx for _, dx in results])
-                embedding_backward(dx0, (idx, self.cfg.vocab_size), dE=grads["embed.w"])
-        return loss, grads
-
-    def _shards(self, B):
-        bounds = np.linspace(0, B, min(self.workers, B) + 1).round().astype(int)
-        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def _head_loss_and_grads(self, h, targets, rows, label_smoothing, z_loss, train_embed, pieces):
-        # h (N,C), targets (N,) -> loss, dh (N,C), {"embed.w": dE, "head.class_w": dWc as present}
-        E = self.params["embed.w"]
-        denom = h.shape[0] if rows is None else rows.size
-        if self.cfg.head == "hier":
-            from .ops.hier_head import hier_ce_fused
-            loss, dh, dE, dWc = hier_ce_fused(h, E, self.params["head.class_w"], self.hier, targets, rows,
-                                              label_smoothing, z_loss, need_dE=train_embed,
-                                              workers=self.workers)
-            return loss, dh, {"head.class_w": dWc, **({"embed.w": dE} if train_embed else {})}
-
-        e_norm = max_row_norm(E) if denom > self.cfg.d_model else None   # for the shift-free softmax
-
-        def piece(a, b):                               # the full head, split by rows
-            r = None if rows is None else rows[(rows >= a) & (rows < b)] - a
-            return softmax_ce_fused(h[a:b], E, targets[a:b], r, label_smoothing, z_loss,
-                                    self.cfg.head_chunk, need_dE=train_embed, denom=denom, e_norm=e_norm)
-        parts = run_shards(piece, pieces)
-        loss = sum(p[0] for p in parts)
-        dh = np.concatenate([p[1] for p in parts])
+        rows = self.counted_rows(targets.size, loss_frac, rng)
+        loss, cache = self.forward(idx, targets, rows, label_smoothing, z_loss)
+        grads = self.backward(cache)
         if not train_embed:
-            return loss, dh, {}
-        dE = parts[0][2]
-        with section("shard sum"):
-            for p in parts[1:]:
-                add_into(dE, p[2])
-        return loss, dh, {"embed.w": dE}
+            del grads["embed.w"]
+        return float(loss), grads
+
+    def counted_rows(self, n, loss_frac, rng=None):
+        """None (every position), or a sorted random loss_frac of range(n) drawn from rng."""
+        if loss_frac >= 1.0:
+            return None
+        rng = rng if rng is not None else self.rng
+        return np.sort(rng.choice(n, size=max(1, int(round(n * loss_frac))), replace=False))
 
     def nll(self, idx, targets):
         # idx, targets (B,T) -> (B,T) float64: -log p(target) at every position
-        idx, targets = np.asarray(idx), np.asarray(targets)
-        parts = run_shards(lambda b0, b1: self._shard_nll(idx[b0:b1], targets[b0:b1]),
-                           self._shards(targets.shape[0]))
-        return np.concatenate(parts).reshape(targets.shape)
-
-    def _shard_nll(self, idx, targets):
-        h, _ = self.forward_hidden(idx)
+        targets = np.asarray(targets)
+        h, _ = self.body_forward(idx)
+        E = self.params["embed.w"]
         if self.cfg.head == "full":
-            return softmax_ce_forward(h, self.params["embed.w"], targets.reshape(-1), self.cfg.head_chunk)
-        from .ops.hier_head import hier_nll
-        return hier_nll(h, self.params["embed.w"], self.params["head.class_w"], self.hier, targets.reshape(-1))
+            out = nll(h, E, targets.reshape(-1))
+        else:
+            out = hier_nll(h, E, self.params["head.class_w"], self.hier, targets.reshape(-1))
+        return out.reshape(targets.shape)
 
     def loss(self, idx, targets):
         """Mean negative log-likelihood in nats per token: no smoothing, every position."""
@@ -351,15 +364,22 @@ class Model:
 
     def log_probs(self, idx):
         # idx (B,T) -> (B,T,V) log-probabilities of the next token (all B*T*V of them)
-        h, (_, _, _, _, (B, T, C)) = self.forward_hidden(idx)
+        B, T = np.shape(idx)
+        h, _ = self.body_forward(idx)
+        E = self.params["embed.w"]
         if self.cfg.head == "full":
-            lp = log_softmax(h, self.params["embed.w"])
-        else:
-            from .ops.hier_head import hier_log_probs
-            lp = hier_log_probs(h, self.params["embed.w"], self.params["head.class_w"], self.hier)
-        return lp.reshape(B, T, -1)
+            return log_softmax(h @ E.T).reshape(B, T, -1)
+        return hier_log_probs(h, E, self.params["head.class_w"], self.hier).reshape(B, T, -1)
 
-    # ------------------------------------------------------------------ sizes
+    def check_ids(self, idx):
+        idx = np.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
+        return idx
+
+    # ------------------------------------------------------------------ sizes and files
 
     def param_counts(self):
         """Parameters per component, in the order of the architecture diagram."""
@@ -373,13 +393,29 @@ class Model:
         return groups
 
     def summary(self):
-        lines = [f"{k:>18}: {v:>12,}" for k, v in self.param_counts().items()]
-        return "\n".join(lines)
-
-    # ------------------------------------------------------------------ checkpoints
+        return "\n".join(f"{k:>18}: {v:>12,}" for k, v in self.param_counts().items())
 
     @classmethod
     def load(cls, path, dtype=None):
-        """Rebuild a model from a checkpoint written by train.py (the file, or its run folder)."""
-        from .checkpoint import load_model
-        return load_model(path, dtype=dtype)
+        """A model from a checkpoint written by train.py (the file, or its run folder), with the
+        saved dtype unless `dtype` is given; its JSON metadata in `model.meta`."""
+        path = resolve(path)
+        params, meta, _, cmap_state = load_checkpoint(path)
+        return cls.from_state(params, meta, cmap_state, path, dtype)
+
+    @classmethod
+    def from_state(cls, params, meta, cmap_state, where, dtype=None):
+        """A model from what a checkpoint holds (checkpoint.load_checkpoint), checked; `where` names
+        it in errors."""
+        try:
+            cfg = ModelConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: its model config is missing or invalid ({e})") from None
+        check_params(params, param_shapes(cfg), where)
+        class_map = ClassMap.from_checkpoint(cmap_state, cfg.vocab_size, n_hier_classes(cfg), where) \
+            if cfg.head == "hier" else None
+        model = cls(cfg, seed=0, dtype=dtype or next(iter(params.values())).dtype, class_map=class_map)
+        for k, v in params.items():
+            model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
+        model.meta = meta
+        return model

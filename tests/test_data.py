@@ -1,13 +1,18 @@
-"""Tests for nanoternary/data.py: sources, token files, the cache, bad input, batches, the hub.
+"""Tests for nanoternary/data.py: sources, token files, the cache (checksums, temporary files of a
+killed run), bad input, batches, the hub; and nanoternary/fileio.py's temporary files.
 
 Every test writes its own small files (parquet through pyarrow, .txt, .jsonl) in tmp_path and uses a
-cache folder there too; the hub is a local fsspec filesystem; no network is used.
+cache folder there too; the hub is a local fsspec filesystem here (tests/test_hub.py runs the hub
+paths through huggingface_hub's HTTP client against a local server); no network is used.
 
     python -m pytest -q tests/test_data.py
 """
 
 import json
 import os
+import stat
+import subprocess
+import sys
 import time
 
 import fsspec
@@ -19,6 +24,7 @@ from fsspec.implementations.dirfs import DirFileSystem
 
 from nanoternary import data as D
 from nanoternary.data import DataError, get_batch, prepare, val_windows
+from nanoternary.fileio import HOST, atomic_open, remove_stale_temps, temp_path
 from nanoternary.tokenizer import EOT, get_encoding
 
 WORDS = ("the model reads a token and predicts the next one while ternary weights stay small "
@@ -249,6 +255,142 @@ def test_truncated_or_corrupt_cache_is_detected_and_rebuilt(tmp_path, cache, cap
     assert D.load_cache(d.path) is not None
 
 
+@pytest.mark.parametrize("fill", [b"\x00", b"\xff"])
+def test_cache_overwritten_at_the_same_size_is_rebuilt(tmp_path, cache, capsys, fill):
+    """Zeros would be trusted as tokens, 0xFFFF would fail far away (in the embedding) naming no file:
+    the checksum catches both when the cache is opened."""
+    path = write_parquet(tmp_path / "a.parquet", make_docs(30))
+    good = prepare(path, cache_dir=cache, verbose=False)
+    train = np.array(good.train)
+    train_bin = os.path.join(good.path, "train.bin")
+    size = os.path.getsize(train_bin)
+    del good
+    with open(train_bin, "wb") as f:
+        f.write(fill * size)
+    d = prepare(path, cache_dir=cache, verbose=False)
+    err = capsys.readouterr().err
+    assert not d.cached and np.array_equal(d.train, train)
+    assert err.count("\n") == 1 and "train.bin does not match its checksum" in err and d.path in err
+    assert prepare(path, cache_dir=cache, verbose=False).cached        # and the rebuilt one is trusted
+
+
+def test_cache_ids_are_checked_against_the_vocabulary(tmp_path, cache, capsys):
+    path = write_parquet(tmp_path / "a.parquet", make_docs(30))
+    good = prepare(path, cache_dir=cache, verbose=False)
+    val_bin, meta_json = os.path.join(good.path, "val.bin"), os.path.join(good.path, "meta.json")
+    with open(val_bin, "r+b") as f:
+        f.write(np.array([65535], np.uint16).tobytes())               # one id out of range ...
+    meta = json.load(open(meta_json))
+    meta["crc32"]["val.bin"] = D.scan_tokens(val_bin)[0]               # ... and a checksum that agrees
+    with open(meta_json, "w") as f:
+        json.dump(meta, f)
+    assert D.load_cache(good.path) is None
+    assert "val.bin holds token id 65535, not below the vocabulary size 50257" in capsys.readouterr().err
+    assert D.scan_tokens(os.path.join(good.path, "train.bin"))[1] == EOT   # the largest id of real tokens
+
+
+def test_cache_of_an_older_version_is_rebuilt(tmp_path, cache, capsys):
+    path = write_parquet(tmp_path / "a.parquet", make_docs(30))
+    good = prepare(path, cache_dir=cache, verbose=False)
+    meta_json = os.path.join(good.path, "meta.json")
+    meta = json.load(open(meta_json))
+    assert set(meta["crc32"]) == {"train.bin", "val.bin"}
+    del meta["crc32"]
+    with open(meta_json, "w") as f:
+        json.dump({**meta, "format": 1}, f)                            # as version 1 wrote it
+    d = prepare(path, cache_dir=cache, verbose=False)
+    assert not d.cached and d.path == good.path
+    assert "cannot be trusted (it was made by an older version of nanoternary, without checksums)" in \
+        capsys.readouterr().err
+
+
+def test_cache_files_have_the_usual_permissions(tmp_path, cache):
+    old = os.umask(0o022)
+    try:
+        d = prepare(write_parquet(tmp_path / "a.parquet", make_docs(10)), cache_dir=cache, verbose=False)
+        os.umask(0o002)
+        with atomic_open(str(tmp_path / "x.bin")) as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    for name in ("train.bin", "val.bin", "meta.json"):                 # not tempfile.mkstemp's 0600
+        assert stat.S_IMODE(os.stat(os.path.join(d.path, name)).st_mode) == 0o644, name
+    assert stat.S_IMODE(os.stat(tmp_path / "x.bin").st_mode) == 0o664
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporary files of a process killed with kill -9
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_remove_stale_temps_only_of_dead_writers(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            f"a.bin.{HOST}-{dead_pid()}-0123abcd.tmp": True,             # its writer has ended
+            f"b.bin.{HOST}-{sleeper.pid}-0123abcd.tmp": False,           # its writer still runs
+            f"c.bin.{HOST}-{os.getpid()}-0123abcd.tmp": False,           # ours
+            f"d.bin.other-host-{dead_pid()}-0123abcd.tmp": False,        # another machine's pid means nothing here
+            "notes.2024.tmp": False, "e.bin.tmp": False, "train.bin": False,   # not made by fileio
+        }
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        removed = remove_stale_temps(str(tmp_path))
+        assert sorted(os.path.basename(p) for p in removed) == [n for n, gone in names.items() if gone]
+        assert sorted(os.listdir(tmp_path)) == sorted(n for n, gone in names.items() if not gone)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_stale_temps(str(tmp_path / "missing")) == []
+    tmp = temp_path(str(tmp_path / "x.npz"))
+    assert os.path.basename(tmp).startswith(f"x.npz.{HOST}-{os.getpid()}-") and tmp.endswith(".tmp")
+
+
+KILLED_WRITER = """
+import sys, time
+from nanoternary import data as D
+real, calls = D.encode_batch, []
+def stall(enc, texts, pool):                     # the third batch never comes: we are killed first
+    calls.append(1)
+    if len(calls) == 3:
+        open(sys.argv[1], "w").close()
+        time.sleep(60)
+    return real(enc, texts, pool)
+D.encode_batch, D.BATCH_CHARS = stall, 1000
+D.prepare(sys.argv[2], cache_dir=sys.argv[3], verbose=False, num_threads=1)
+"""
+
+
+def test_kill_9_during_a_build_leaves_temps_that_the_next_run_removes(tmp_path, cache, capsys):
+    path = write_parquet(tmp_path / "a.parquet", make_docs(50), row_group_size=5)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))}
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(ready), path, cache], env=env)
+    try:
+        for _ in range(1500):                                            # up to 30 s for the imports
+            if ready.exists() or writer.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert ready.exists(), "the writer did not start"
+        tokens_dir = os.path.join(cache, "tokens")
+        (folder,) = os.listdir(tokens_dir)
+        temps = sorted(f for f in os.listdir(os.path.join(tokens_dir, folder)) if f.endswith(".tmp"))
+        assert [t.split(".")[0] for t in temps] == ["train", "val"] and f"-{writer.pid}-" in temps[0]
+        assert remove_stale_temps(os.path.join(tokens_dir, folder)) == []   # a live writer's: kept
+    finally:
+        writer.kill()                                                    # SIGKILL: no clean-up runs
+        writer.wait()
+    assert sorted(f for f in os.listdir(os.path.join(tokens_dir, folder)) if f.endswith(".tmp")) == temps
+    d = prepare(path, cache_dir=cache, verbose=False)
+    assert "removed 2 temporary file(s) of a killed run" in capsys.readouterr().err
+    assert d.meta["documents"] == 50 and d.path == os.path.join(tokens_dir, folder)
+    assert not [f for _, _, files in os.walk(cache) for f in files if f.endswith(".tmp")]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one clear error naming the file
 
@@ -320,6 +462,58 @@ def test_command_line_json_and_table(tmp_path, cache, capsys):
     assert D.main(["--data", str(tmp_path / "a-*.parquet"), "--cache-dir", cache]) == 0
     out, _ = capsys.readouterr()
     assert "(cached)" in out and f"{report['tokens']:,}" in out and "train" in out and "val" in out
+
+
+def corrupt_data_page(path, group):
+    """Overwrite 32 bytes in the middle of the `text` data page of a row group, keeping the footer."""
+    col = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    assert col.path_in_schema == "text" and col.compression == "SNAPPY"
+    middle = col.data_page_offset + col.total_compressed_size // 2
+    with open(path, "r+b") as f:
+        f.seek(middle)
+        f.write(b"\xff" * 32)
+
+
+def test_parquet_with_a_corrupt_data_page(tmp_path, cache, capsys):
+    path = str(tmp_path / "damaged.parquet")
+    pq.write_table(pa.table({"text": make_docs(40), "id": [str(i) for i in range(40)]}), path,
+                   row_group_size=20, compression="snappy", use_dictionary=False)
+    corrupt_data_page(path, 1)
+    with pytest.raises(OSError, match="Corrupt snappy compressed data"):    # what pyarrow says
+        pq.ParquetFile(path).read_row_group(1, columns=["text"])
+    message = r"damaged.parquet: row group 1 of 2 cannot be read \(OSError: Corrupt snappy compressed data.*the file is damaged"
+    with pytest.raises(DataError, match=message):
+        prepare(path, cache_dir=cache, verbose=False)
+    assert not any(files for _, _, files in os.walk(cache)), "a failed run left files behind"
+    assert D.main(["--data", path, "--cache-dir", cache, "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and path in err
+
+
+def test_cache_folder_that_cannot_be_written(tmp_path, capsys):
+    """A path through a regular file: makedirs fails for root too (chmod does not stop root)."""
+    path = write_parquet(tmp_path / "a.parquet", make_docs(5))
+    (tmp_path / "file").write_text("not a folder")
+    cache = str(tmp_path / "file" / "cache")
+    message = r"cannot write to the cache folder .*file/cache \(.*file/cache.*: Not a directory\); .*--cache-dir"
+    with pytest.raises(DataError, match=message):
+        prepare(path, cache_dir=cache, verbose=False)
+    assert D.main(["--data", path, "--cache-dir", cache, "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "cannot write to the cache folder" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod")
+def test_cache_folder_without_write_permission(tmp_path, capsys):
+    path = write_parquet(tmp_path / "a.parquet", make_docs(5))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    try:
+        with pytest.raises(DataError, match=r"cannot write to the cache folder .*Permission denied"):
+            prepare(path, cache_dir=str(cache), verbose=False)
+    finally:
+        cache.chmod(0o755)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +634,7 @@ class UnreachableHub:
     def __init__(self, error):
         self.error = error
 
-    def open(self, path, mode="rb"):
+    def open(self, path, mode="rb", **kwargs):
         raise self.error
 
 
@@ -458,7 +652,7 @@ def test_offline_falls_back_to_python_docs(tmp_path, cache, monkeypatch, capsys,
         fs = UnreachableHub(AssertionError("HF_HUB_OFFLINE should stop us before any request"))
     else:
         class SlowHub:
-            def open(self, path, mode="rb"):
+            def open(self, path, mode="rb", **kwargs):
                 time.sleep(60)                  # a hub that hangs: we must give up long before
         monkeypatch.setattr(D, "HUB_TIMEOUT", 0.2)
         fs = SlowHub()

@@ -1,5 +1,5 @@
 """Tests for nanoternary/generate.py: incremental decoding against the full forward, the ternary
-matvecs, packed checkpoints, and the sampling loop.
+products of one position, packed checkpoints, and the sampling loop.
 
 The reference for everything is the model itself: `Model.log_probs` over the whole sequence in one
 pass. Incremental decoding (one batched prompt pass, then one token at a time through the ring
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from nanoternary.checkpoint import CheckpointError, save_checkpoint
-from nanoternary.generate import (AddSubMatvec, BlasMatvec, Generator, bench, export_packed,
-                                  load_packed, load_weights, main, save_packed, weights_from_model)
-from nanoternary.model import TERNARY, Model, ModelConfig
-from nanoternary.ops.ternary import addsub_matmul, addsub_plan
+from nanoternary.generate import (Generator, bench, export_packed, load_packed, load_weights, main, save_packed,
+                                  weights_from_model)
+from nanoternary.model import TERNARY, Model, ModelConfig, quantize
+from nanoternary.ops.ternary import addsub_plan, ternary_linear_forward
 
 SMALL = dict(vocab_size=97, d_model=16, glu_hidden=24, n_recursions=2, dilations=(1, 4, 16),
              kernel_size=4, conv_groups=4, hier_classes=9)
@@ -62,12 +62,12 @@ def test_incremental_equals_full_forward_float64(head, kernel):
 
 
 def test_prompt_pass_in_row_chunks(monkeypatch):
-    """The addsub prompt pass cuts long prompts into row chunks (bounded memory): same result."""
-    import nanoternary.generate as generate
+    """The addsub kernel cuts long prompts into row chunks (bounded memory): same result."""
+    import nanoternary.ops.ternary as ternary
     m = small_model()
     ids = np.random.default_rng(8).integers(0, 97, 70)
     want = m.log_probs(ids[None])[0]
-    monkeypatch.setattr(generate, "ADDSUB_CHUNK", 1000)     # about 5 rows per chunk here
+    monkeypatch.setattr(ternary, "ADDSUB_VALUES", 1000)     # about 5 rows per chunk here
     got = incremental_log_probs(Generator(m), ids, 60)
     assert_close("chunked prompt pass", got, want, 1e-9)
 
@@ -76,7 +76,7 @@ def test_incremental_equals_full_forward_logits_and_scale():
     """Raw logits (not only log-probs) and BitNet's per-tensor scale s != 1."""
     m = small_model(ternary_scale=True, n_recursions=3, dilations=(2, 5))
     ids = np.random.default_rng(2).integers(0, 97, m.cfg.receptive_field + 15)
-    h, _ = m.forward_hidden(ids[None])
+    h, _ = m.body_forward(ids[None])
     want = h @ m.params["embed.w"].T
     for kernel in ("addsub", "blas"):
         gen = Generator(m, kernel=kernel)
@@ -111,33 +111,31 @@ def test_state_does_not_grow():
     m = small_model()
     gen = Generator(m)
     gen.prefill([1, 2, 3])
-    sizes = [[c.ring.shape for c in convs] for convs in gen.convs]
-    assert sizes == [[(4, 3 * D, 4) for D in (1, 4, 16)]] * 2      # (G, (K-1)*D, C/G)
+    sizes = [[c.ring.shape for c in rings] for rings in gen.rings]
+    assert sizes == [[(3 * D, 16) for D in (1, 4, 16)]] * 2         # ((K-1)*D, C) per layer and application
     for t in range(200):
         gen.step(t % 97)
-    assert [[c.ring.shape for c in convs] for convs in gen.convs] == sizes
+    assert [[c.ring.shape for c in rings] for rings in gen.rings] == sizes
     assert gen.pos == 203
 
 
 # ----------------------------------------------------------------------------------------------
-# the ternary matvecs
+# the ternary products of one position
 
 
 @pytest.mark.parametrize("s", [1.0, 0.37])
-def test_addsub_matvec_equals_the_op_and_a_product(s):
+def test_one_position_through_the_op_equals_a_product(s):
+    """A step runs the op on one row: y = s * W_t x, with all-zero rows and a row with no zeros."""
     r = np.random.default_rng(5)
     wt = r.choice(np.array([-1, 0, 1], dtype=np.int8), size=(11, 9), p=[0.3, 0.4, 0.3])
     wt[3] = 0                            # an all-zero row, in the middle
     wt[-1] = 0                           # and at the end
     wt[5] = 1                            # a row with no zeros
-    x = r.standard_normal(9)
-    want = s * (wt.astype(np.float64) @ x)
-    y = AddSubMatvec(wt, s, np.float64)(x)
-    np.testing.assert_allclose(y, want, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(y, s * addsub_matmul(x[None], addsub_plan(wt))[0], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(BlasMatvec(wt, s, np.float64)(x), want, rtol=0, atol=1e-12)
-    zero = np.zeros((4, 6), dtype=np.int8)
-    assert not AddSubMatvec(zero, 1.0, np.float64)(np.ones(6)).any()
+    x = r.standard_normal((1, 9))
+    want = s * (x @ wt.T.astype(np.float64))
+    for kernel, plan in (("addsub", addsub_plan(wt)), ("blas", None)):
+        y, _ = ternary_linear_forward(x, wt.astype(np.float64), s, kernel, plan)
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-12, err_msg=kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +157,7 @@ def test_packed_export_round_trip(tmp_path, scheme, head):
     assert bound <= rep["bits_per_ternary_weight"] < bound + 0.05
     w = load_packed(out)
     assert w.kind == "packed" and w.meta["source"]["step"] == 7
-    q = m._quantized()
+    q = quantize(m.params, m.cfg)
     for name in TERNARY:                                  # exactly the model's quantized weights
         np.testing.assert_array_equal(w.ternary[name][0], q[name][0], err_msg=name)
         assert w.ternary[name][1] == q[name][1]
@@ -309,7 +307,7 @@ def test_ema_weights(tmp_path):
     np.testing.assert_array_equal(w.params["embed.w"], shadow["embed.w"])
     ref = Model(m.cfg, dtype=np.float32)
     ref.params = shadow
-    q = ref._quantized()
+    q = quantize(ref.params, ref.cfg)
     for name in TERNARY:                                  # quantized from the EMA latents
         np.testing.assert_array_equal(w.ternary[name][0], q[name][0])
     np.testing.assert_array_equal(load_weights(str(tmp_path)).params["embed.w"], m.params["embed.w"])
@@ -320,27 +318,3 @@ def test_ema_weights(tmp_path):
     save_checkpoint(str(tmp_path / "plain.npz"), m.params, {"config": m.cfg.to_dict()})
     with pytest.raises(CheckpointError, match="no EMA"):
         load_weights(str(tmp_path / "plain.npz"), ema=True)
-
-
-def test_addsub_matvec_uses_only_additions_and_subtractions():
-    """Every ufunc the generation-time kernel applies: negation (x -> -x, a subtraction from 0) and
-    additions. The gather (np.take) moves values and computes nothing."""
-    calls = []
-
-    class Spy(np.ndarray):
-        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-            calls.append(ufunc.__name__)
-            inputs = [i.view(np.ndarray) if isinstance(i, Spy) else i for i in inputs]
-            if "out" in kwargs:
-                kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, Spy) else o for o in kwargs["out"])
-            return getattr(ufunc, method)(*inputs, **kwargs)
-
-    r = np.random.default_rng(3)
-    wt = np.sign(r.standard_normal((7, 12))) * (r.random((7, 12)) > 0.3)
-    wt[4] = 0                                            # an all-zero row
-    mv = AddSubMatvec(wt, 1.0, np.float64)
-    mv.xx, mv.vals, mv.y = mv.xx.view(Spy), mv.vals.view(Spy), mv.y.view(Spy)
-    x = r.standard_normal(12)
-    y = np.asarray(mv(x.view(Spy))).copy()
-    np.testing.assert_allclose(y, wt @ x, rtol=1e-12, atol=1e-12)
-    assert calls and set(calls) <= {"negative", "add"}, calls

@@ -1,6 +1,8 @@
 """Tests for nanoternary/gpt2_embed.py, without network: the safetensors reader on tiny files the
 test writes by hand (F32, F16, BF16, both spellings of the key, only the tensor's bytes read), the
-SVD projection against np.linalg.svd, the .npy cache, and the offline fallback."""
+SVD projection against np.linalg.svd, the .npy cache (rebuilt when broken, optional when its folder
+cannot be written, stale temporary files removed), and the offline fallback. tests/test_hub.py runs
+the fetch through huggingface_hub's HTTP client against a local server."""
 import json
 import struct
 
@@ -65,9 +67,9 @@ class RecordingFS:
     def __init__(self):
         self.fs, self.reads, self.opened = fsspec.filesystem("file"), [], 0
 
-    def open(self, path, mode="rb"):
+    def open(self, path, mode="rb", **kwargs):
         self.opened += 1
-        return RecordingFile(self.fs.open(path, mode), self.reads)
+        return RecordingFile(self.fs.open(path, mode, **kwargs), self.reads)
 
 
 @pytest.mark.parametrize("key", ["wte.weight", "transformer.wte.weight"])
@@ -209,3 +211,32 @@ def test_a_failing_fetch_returns_none(tmp_path, capsys):
 
     assert load_gpt2_embedding(8, str(tmp_path), fs=Broken(), vocab_size=30) is None
     assert "connection reset" in capsys.readouterr().out
+
+
+def test_cache_folder_that_cannot_be_written_is_not_fatal(tmp_path, capsys):
+    wte = np.random.default_rng(4).standard_normal((30, 16)).astype(np.float32)
+    src = tmp_path / "model.safetensors"
+    write_safetensors(src, {"wte.weight": ("F32", wte)})
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    P = load_gpt2_embedding(8, str(tmp_path / "file" / "data"), fs=RecordingFS(), path=str(src), vocab_size=30)
+    assert np.allclose(P, svd_project(wte, 8)[0])                   # the embedding, just not cached
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "not cached (NotADirectoryError" in out
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from nanoternary.fileio import HOST
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache_dir = tmp_path / "data"
+    cache_dir.mkdir()
+    stale = cache_dir / f"gpt2_wte_svd8.npy.{HOST}-{dead.pid}-0123abcd.tmp"   # a run killed while saving
+    stale.write_bytes(b"half")
+    wte = np.random.default_rng(5).standard_normal((30, 16)).astype(np.float32)
+    write_safetensors(tmp_path / "model.safetensors", {"wte.weight": ("F32", wte)})
+    load_gpt2_embedding(8, str(cache_dir), fs=RecordingFS(), path=str(tmp_path / "model.safetensors"),
+                        vocab_size=30, verbose=False)
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["gpt2_wte_svd8.json", "gpt2_wte_svd8.npy"]

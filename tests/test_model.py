@@ -1,26 +1,14 @@
-"""The whole model: finite-difference checks on a tiny configuration, causality, the loss at
-initialisation, and the reference's sizes."""
+"""The whole plain model (model.py): finite-difference checks on a tiny configuration, gradients at
+each block application, causality, the loss at initialisation, and the reference's sizes."""
 import math
 
 import numpy as np
 import pytest
 
-from gradcheck import check_grad, numerical_grad
-from nanoternary.model import Model, ModelConfig
-from nanoternary.ops.head import softmax_ce_fused
-from nanoternary.ops.norm import rmsnorm_forward
-
-TINY = dict(vocab_size=23, d_model=8, glu_hidden=12, n_recursions=2, dilations=(1, 3),
-            kernel_size=3, conv_groups=2, head_chunk=5)
-
-
-def tiny_model(seed=0, **kw):
-    cfg = ModelConfig(**{**TINY, "ternary": False, **kw})
-    m = Model(cfg, seed=seed, dtype=np.float64)
-    r = np.random.default_rng(seed + 1)
-    for k, v in m.params.items():        # move gains and small weights off their init values
-        v += 0.3 * r.standard_normal(v.shape) * (1 if k.endswith(".g") else np.abs(v).mean() + 0.1)
-    return m
+from nanoternary.gradcheck import TINY, check_grad, numerical_grad, tiny_model
+from nanoternary.model import Model, ModelConfig, block_backward, block_forward, quantize
+from nanoternary.ops.head import softmax_ce_backward, softmax_ce_forward
+from nanoternary.ops.norm import rmsnorm_backward, rmsnorm_forward
 
 
 def _batch(seed, B=2, T=7, V=23):
@@ -28,54 +16,46 @@ def _batch(seed, B=2, T=7, V=23):
     return r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
 
 
-@pytest.mark.parametrize("kw", [{}, dict(conv_groups=8, n_recursions=3), dict(ternary_scale=True)])
-def test_whole_model_gradients(kw):
+@pytest.mark.parametrize("kw", [dict(conv_groups=8, n_recursions=3), dict(ternary_scale=True)])
+def test_whole_model_gradients_other_shapes(kw):
     m = tiny_model(**kw)
     idx, tgt = _batch(1)
     loss, grads = m.loss_and_grads(idx, tgt)
     assert set(grads) == set(m.params)
     assert abs(loss - m.loss(idx, tgt)) < 1e-12, "loss_and_grads must differentiate loss()"
     for name, p in m.params.items():
-        num = numerical_grad(lambda: m.loss(idx, tgt), p)
-        check_grad(name, grads[name], num)
-
-
-def test_whole_model_gradients_training_options():
-    m = tiny_model()
-    idx, tgt = _batch(2)
-    kw = dict(label_smoothing=0.1, z_loss=0.01, loss_frac=0.5)
-    loss, grads = m.loss_and_grads(idx, tgt, rng=np.random.default_rng(5), **kw)
-    f = lambda: m.loss_and_grads(idx, tgt, rng=np.random.default_rng(5), **kw)[0]
-    for name in ("embed.w", "block.glu.up.w", "block.mix.conv1.value.w", "norm_f.g"):
-        check_grad(name, grads[name], numerical_grad(f, m.params[name]))
+        check_grad(name, grads[name], numerical_grad(lambda: m.loss(idx, tgt), p))
 
 
 def test_gradients_at_each_block_input():
-    """d loss / d x at the input of every application of the weight-shared block."""
+    """d loss / d x at the input of every application of the weight-shared block, through
+    block_forward / block_backward (the functions forward and backward are made of)."""
     m = tiny_model()
+    p, cfg = m.params, m.cfg
     idx, tgt = _batch(3)
-    h, cache = m.forward_hidden(idx)
-    _, dh, dE = softmax_ce_fused(h, m.params["embed.w"], tgt.reshape(-1))
-    grads = {k: np.zeros_like(v) for k, v in m.params.items() if k != "embed.w"}
-    grads["embed.w"] = dE
-    dxs = m._backward_hidden(dh, cache, grads)
+    q = quantize(p, cfg)
 
-    # the inputs of each block, recomputed
-    q = m._quantized()
-    xs, x = [], m.params["embed.w"][idx]
-    for _ in range(m.cfg.n_recursions):
+    def loss_from(r, x):                          # block applications r .. n-1, final norm, head
+        caches = []
+        for _ in range(r, cfg.n_recursions):
+            x, c = block_forward(x, p, q, cfg)
+            caches.append(c)
+        h, c_norm = rmsnorm_forward(x, p["norm_f.g"])
+        loss, c_head = softmax_ce_forward(h.reshape(-1, cfg.d_model), p["embed.w"], tgt.reshape(-1))
+        return loss, (caches, c_norm, c_head)
+
+    xs, x = [], p["embed.w"][idx]
+    for _ in range(cfg.n_recursions):
         xs.append(x.copy())
-        x, _ = m._block_forward(x, q)
-
-    def loss_from(r, x):
-        for _ in range(r, m.cfg.n_recursions):
-            x, _ = m._block_forward(x, q)
-        hf, _ = rmsnorm_forward(x, m.params["norm_f.g"])
-        return softmax_ce_fused(hf.reshape(-1, hf.shape[-1]), m.params["embed.w"], tgt.reshape(-1))[0]
-
-    assert len(dxs) == m.cfg.n_recursions
-    for r, (x_r, dx_r) in enumerate(zip(xs, dxs)):
-        check_grad(f"input of block application {r}", dx_r, numerical_grad(lambda: loss_from(r, x_r), x_r))
+        x, _ = block_forward(x, p, q, cfg)
+    for r, x_r in enumerate(xs):
+        _, (caches, c_norm, c_head) = loss_from(r, x_r)
+        dh, _ = softmax_ce_backward(1.0, c_head)
+        dx, _ = rmsnorm_backward(dh.reshape(x_r.shape), c_norm)
+        grads = {k: np.zeros_like(v) for k, v in p.items()}
+        for c in reversed(caches):
+            dx = block_backward(dx, c, cfg, grads)
+        check_grad(f"input of block application {r}", dx, numerical_grad(lambda: loss_from(r, x_r)[0], x_r))
 
 
 def test_causality_whole_model():
@@ -102,6 +82,7 @@ def test_log_probs_normalised_and_match_loss(head):
     np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, rtol=1e-10)
     picked = -np.take_along_axis(lp, tgt[..., None], -1)[..., 0]
     assert abs(picked.mean() - m.loss(idx, tgt)) < 1e-10
+    assert abs(m.loss_and_grads(idx, tgt)[0] - m.loss(idx, tgt)) < 1e-12
 
 
 def test_loss_at_init_is_close_to_ln_V():
@@ -133,9 +114,19 @@ def test_frozen_embedding_skips_its_gradient():
         np.testing.assert_array_equal(grads[k], grads2[k])
 
 
+def test_counted_positions_only():
+    """With loss_frac, the loss is the mean over the drawn positions only."""
+    m = tiny_model()
+    idx, tgt = _batch(8)
+    rows = m.counted_rows(idx.size, 0.5, np.random.default_rng(2))
+    loss, _ = m.loss_and_grads(idx, tgt, loss_frac=0.5, rng=np.random.default_rng(2))
+    assert rows.size == 7 and np.all(np.diff(rows) > 0)
+    assert abs(loss - m.nll(idx, tgt).reshape(-1)[rows].mean()) < 1e-12
+
+
 def test_ternary_model_weights_are_ternary_in_the_forward():
     m = Model(ModelConfig(**TINY), seed=0, dtype=np.float64)
-    for name, (wt, s) in m._quantized().items():
+    for name, (wt, s) in quantize(m.params, m.cfg).items():
         assert set(np.unique(wt)) <= {-1.0, 0.0, 1.0} and s == 1.0, name
 
 
@@ -145,45 +136,9 @@ def test_bad_input_is_rejected():
         m.loss(np.array([[0, 23]]), np.array([[0, 1]]))
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         m.loss(np.array([0, 1]), np.array([0, 1]))
-    with pytest.raises(ValueError, match="head"):
-        ModelConfig(head="softmax")
-
-
-@pytest.mark.parametrize("head", ["full", "hier"])
-def test_sharded_batch_equals_one_shard(head):
-    """Data parallelism over the batch (parallel.py) gives the same loss and gradients as one shard."""
-    cfg = ModelConfig(**{**TINY, "head": head, "ternary": True})
-    m = Model(cfg, seed=0, dtype=np.float64)
-    idx, tgt = _batch(8, B=5, T=9)
-    kw = dict(label_smoothing=0.1, z_loss=1e-3, loss_frac=0.3)
-    results = {}
-    for workers in (1, 2, 3):
-        m.workers = workers
-        loss, grads = m.loss_and_grads(idx, tgt, rng=np.random.default_rng(1), **kw)
-        results[workers] = (loss, grads, m.nll(idx, tgt))
-    loss1, grads1, nll1 = results[1]
-    for workers in (2, 3):
-        loss, grads, nll = results[workers]
-        assert abs(loss - loss1) < 1e-12
-        np.testing.assert_allclose(nll, nll1, rtol=1e-12)
-        for k in grads1:
-            np.testing.assert_allclose(grads[k], grads1[k], rtol=1e-10, atol=1e-13, err_msg=k)
-
-
-@pytest.mark.parametrize("head", ["full", "hier"])
-def test_a_shard_with_no_counted_rows_and_a_frozen_embedding(head):
-    cfg = ModelConfig(**{**TINY, "head": head, "ternary": False})
-    m = Model(cfg, seed=0, dtype=np.float64)
-    idx, tgt = _batch(9, B=2, T=4)
-    out = {}
-    for workers in (1, 2):
-        m.workers = workers
-        # one counted position out of 8: with two shards, one of them has none
-        out[workers] = m.loss_and_grads(idx, tgt, loss_frac=0.125, rng=np.random.default_rng(3),
-                                        train_embed=False)
-    (l1, g1), (l2, g2) = out[1], out[2]
-    assert abs(l1 - l2) < 1e-12 and "embed.w" not in g1 and "embed.w" not in g2
-    for k in g1:
-        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-13, err_msg=k)
-    f = lambda: m.loss_and_grads(idx, tgt, loss_frac=0.125, rng=np.random.default_rng(3))[0]
-    check_grad("block.glu.up.w", g1["block.glu.up.w"], numerical_grad(f, m.params["block.glu.up.w"]))
+    for bad, words in ((dict(head="softmax"), "--head"), (dict(d_model=0), "--d-model"),
+                       (dict(kernel_size=0), "--kernel-size"), (dict(conv_groups=0), "--conv-groups"),
+                       (dict(n_recursions=0), "--n-recursions"), (dict(glu_hidden=0), "--glu-hidden"),
+                       (dict(dilations=(1, 0)), "--dilations"), (dict(d_model=30), "divisible")):
+        with pytest.raises(ValueError, match=words):
+            ModelConfig(**bad)

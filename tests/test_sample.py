@@ -125,3 +125,11 @@ def test_unknown_flag_is_argparse_error(tmp_path):
     assert code == 2 and "unrecognized arguments" in err
     code, out, err = sample(tmp_path, "--top-p", "0")
     assert code == 2 and "--top-p" in err
+
+
+def test_bad_numbers_get_one_line(tmp_path):
+    for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+                        ("--top-p", "nan"), ("--top-k", "-3"), ("--max-new-tokens", "-1"),
+                        ("--num-samples", "0"), ("--seed", "-1")):
+        code, out, err = sample(tmp_path, flag, value)
+        assert code == 2 and flag in err and "Traceback" not in err, (flag, value, err)

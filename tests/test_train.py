@@ -100,14 +100,15 @@ def test_resume_refuses_other_settings(corpus, capsys):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, monkeypatch, capsys):
-    real = Model.loss_and_grads
+    from nanoternary.fast import step
+    real = step.part_loss_and_grads
     calls = {"n": 0}
 
-    def poisoned(self, *a, **k):
+    def poisoned(*a, **k):
         calls["n"] += 1
-        loss, grads = real(self, *a, **k)
+        loss, grads = real(*a, **k)
         return (float("nan") if calls["n"] == 5 else loss), grads
-    monkeypatch.setattr(Model, "loss_and_grads", poisoned)
+    monkeypatch.setattr(step, "part_loss_and_grads", poisoned)
     code = train.main(["--data", corpus, "--out", "n", "--max-steps", "20", "--save-interval", "2"] + TINY)
     assert code == 1
     err = capsys.readouterr().err
@@ -141,7 +142,7 @@ def test_hier_head_trains_and_saves_its_class_map(corpus):
     m = Model.load("h")
     assert m.cfg.head == "hier" and m.hier.n_classes == 20
     # the class map came from the training data's counts, not the default
-    from nanoternary.ops.hier_head import ClassMap
+    from nanoternary.classmap import ClassMap
     assert not np.array_equal(m.hier.token_class, ClassMap.default(50257, 20).token_class)
 
 
@@ -196,10 +197,104 @@ def test_curriculum_keeps_tokens_per_step(corpus):
 
 
 def test_compare_heads_runs_both_heads(corpus, tmp_path):
-    from nanoternary import compare_heads
+    from nanoternary.tools import compare_heads
     compare_heads.main(["--data", corpus, "--minutes", "0.04", "--out", str(tmp_path / "cmp"), "--"]
                        + TINY + ["--eval-interval", "1000"])
     summary = json.load(open(tmp_path / "cmp" / "summary.json"))
     for head in ("full", "hier"):
         s = summary[f"nanoternary, {head} head"]
         assert s["final_val_loss"] is not None and 0 < s["final_val_loss"] < 12
+
+
+# ------------------------------------------------------------------------------------- hardening
+
+BAD_NUMBERS = [("--time-budget", "-1"), ("--max-steps", "-1"), ("--max-tokens", "-1"), ("--lr-adam", "nan"),
+               ("--lr-adam", "-0.01"), ("--lr-muon", "inf"), ("--weight-decay", "nan"), ("--ema", "2"),
+               ("--decay-frac", "2"), ("--label-smoothing", "1.5"), ("--z-loss", "-1"), ("--grad-clip", "-1"),
+               ("--warmup", "-5"), ("--freeze-embed-steps", "-7"), ("--threads", "-1"), ("--seed", "-1"),
+               ("--data-seed", "-3"), ("--val-fraction", "1"), ("--loss-frac", "0"), ("--data-tokens", "0"),
+               ("--kernel-size", "0"), ("--d-model", "0"), ("--conv-groups", "0"), ("--n-recursions", "0"),
+               ("--glu-hidden", "0"), ("--hier-classes", "-2"), ("--curriculum", "64,0"), ("--batch-size", "inf")]
+
+
+@pytest.mark.parametrize("flag,value", BAD_NUMBERS)
+def test_every_bad_number_is_refused_before_any_work(corpus, capsys, flag, value):
+    assert train.main(["--data", corpus, "--out", "bad"] + TINY + [flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and flag in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not os.path.exists("bad") and not os.path.exists("data"), "work started before the check"
+
+
+def test_a_diverging_run_never_saves_non_finite_weights(corpus, monkeypatch, capsys):
+    """The optimizer makes a ternary latent NaN at step 5 (the loss cannot see it: the quantizer
+    maps NaN to 0). The save of step 6 refuses, and latest.npz stays the finite step-4 one, which
+    --resume accepts."""
+    from nanoternary.fast.optim import FastNorMuon as NorMuon
+    real = NorMuon.step
+    calls = {"n": 0}
+
+    def poisoned(self, params, grads, lr=None):
+        real(self, params, grads, lr)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            params["block.glu.up.w"][0, 0] = np.nan
+    monkeypatch.setattr(NorMuon, "step", poisoned)
+    assert train.main(["--data", corpus, "--out", "d", "--max-steps", "20", "--save-interval", "2"] + TINY) == 1
+    err = capsys.readouterr().err
+    assert "block.glu.up.w" in err and "NaN" in err and "last good checkpoint" in err, err
+    m = Model.load("d")
+    assert m.meta["step"] == 4 and all(np.isfinite(v).all() for v in m.params.values())
+    monkeypatch.setattr(NorMuon, "step", real)
+    assert train.main(["--data", corpus, "--out", "d", "--resume", "--max-steps", "6"] + TINY) == 0
+    assert Model.load("d").meta["step"] == 6
+
+
+def test_resume_from_any_checkpoint_file(corpus):
+    assert train.main(["--data", corpus, "--out", "f", "--max-steps", "4", "--eval-interval", "2",
+                       "--save-interval", "4"] + TINY) == 0
+    os.replace(os.path.join("f", "best.npz"), "kept.npz")             # e.g. the best of another folder
+    assert train.main(["--data", corpus, "--out", "g", "--resume", "kept.npz", "--max-steps", "6"] + TINY) == 0
+    assert [r["step"] for r in read_log("g")][-1] == 6
+    assert train.main(["--data", corpus, "--out", "g", "--resume", "nothing.npz"] + TINY) == 1
+
+
+def test_one_run_per_out_folder_and_stale_temps_removed(corpus, tmp_path):
+    """A second run on a busy --out refuses and names the first; once the first is killed (kill -9),
+    the lock is gone with it and the next start removes the checkpoint it was writing."""
+    from nanoternary.fileio import HOST
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", corpus, "--out", "busy",
+           "--max-steps", "100000", "--eval-interval", "100000", "--save-interval", "1"] + TINY
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(tmp_path / "busy" / "latest.npz")
+                                              and len(read_log(tmp_path / "busy")) >= 2):
+            time.sleep(0.2)
+        res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert res.returncode == 1 and "in use by a training run (pid" in res.stderr, res.stderr
+        assert str(p.pid) in res.stderr and res.stderr.count("\n") == 1
+    finally:
+        p.kill()
+        p.wait()
+    stale = tmp_path / "busy" / f"latest.npz.{HOST}-{p.pid}-0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    res = subprocess.run(cmd + ["--resume", "--max-steps", "1"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "removed" in res.stdout and not stale.exists()
+
+
+def test_out_that_cannot_be_written(corpus, capsys):
+    with open("afile", "w") as f:
+        f.write("x")
+    for out, words in (("afile", "is a file"), (os.path.join("afile", "sub"), "cannot write to --out")):
+        assert train.main(["--data", corpus, "--out", out, "--max-steps", "1"] + TINY) == 1
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+
+
+def test_log_is_json_without_clipping(corpus):
+    assert train.main(["--data", corpus, "--out", "j", "--max-steps", "2", "--grad-clip", "0"] + TINY) == 0
+    with open(os.path.join("j", "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f]          # plain json: a bare NaN would fail here
+    assert recs[0]["grad_norm"] is None

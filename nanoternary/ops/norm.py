@@ -5,12 +5,9 @@
 """
 import numpy as np
 
-from ..profile import timed
-
 EPS = 1e-6  # as in the reference (FlashLM v3) and the PyTorch peer
 
 
-@timed("norms")
 def rmsnorm_forward(x, g, eps=EPS):
     # x (..., C), g (C,) -> y (..., C)
     """y = x * r * g with r = 1/sqrt(mean(x^2) + eps). Caches (x*r, r, g)."""
@@ -22,7 +19,6 @@ def rmsnorm_forward(x, g, eps=EPS):
     return y, (xhat, r, g)
 
 
-@timed("norms")
 def rmsnorm_backward(dy, cache):
     """Forward was y = xhat * g with xhat = x * r, r = (mean(x^2) + eps)^(-1/2).
 

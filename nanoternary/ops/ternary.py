@@ -71,42 +71,42 @@ def ternary_linear_backward(dy, cache):
 # ----------------------------------------------------------------------------------------------
 # the add/subtract kernel
 
+ADDSUB_VALUES = 1 << 20     # values gathered at once (4 MB of float32): rows go in chunks of this
+
 
 def addsub_plan(wt):
-    # wt (O,I) in {-1,0,+1} -> plan: for each sign, the input columns of every output row
-    """Precompute, once per weight matrix, where the +1s and -1s are.
-
-    For the +1s: `cols` lists their column indices row after row (np.nonzero walks row-major),
-    `counts[o]` how many row o has. Same for the -1s. This is all the kernel needs: the values are
-    implied by the sign, so nothing is ever multiplied.
-    """
-    O = wt.shape[0]
-    plan = {"out_features": O}
-    for sign, mask in (("plus", wt > 0), ("minus", wt < 0)):
-        _, cols = np.nonzero(mask)
-        plan[sign] = (cols.astype(np.intp), mask.sum(axis=1))
-    return plan
-
-
-def _segment_sums(vals, counts):
-    # vals (N, nnz), counts (O,) with sum(counts) == nnz -> (N, O): sum of each run of columns
-    out = np.zeros_like(vals, shape=(vals.shape[0], counts.shape[0]))
-    nonempty = counts > 0
-    if vals.shape[1] == 0:
-        return out
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))[nonempty]
-    # add.reduceat sums vals[:, starts[j]:starts[j+1]]; empty runs are skipped (reduceat would
-    # return one element for them instead of zero), and the last run ends at nnz as it should.
-    out[:, nonempty] = np.add.reduceat(vals, starts, axis=1)
-    return out
+    # wt (O,I) in {-1,0,+1} -> plan (idx, starts, I): where the +1s and -1s of each row are
+    """Precompute, once per weight matrix, one signed index list. With xx = [x, -x, 0] (2I + 1
+    values: the input, its negation and a zero), row o's +1 columns i are listed as i and its -1
+    columns as I + i, row after row; an all-zero row gets the index 2I (the zero). starts[o] is
+    where row o's run begins. This is all the kernel needs: the values are implied by the sign,
+    so nothing is ever multiplied."""
+    O, I = wt.shape
+    rows, cols = np.nonzero(wt)                                # row-major: row by row
+    cols = np.where(wt[rows, cols] > 0, cols, I + cols)        # -1s point into the -x half
+    empty = np.flatnonzero(~wt.any(axis=1))
+    rows = np.concatenate([rows, empty])
+    cols = np.concatenate([cols, np.full(empty.size, 2 * I)])
+    order = np.argsort(rows, kind="stable")
+    counts = np.bincount(rows, minlength=O)                    # >= 1 for every row now
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return cols[order].astype(np.intp), starts.astype(np.intp), I
 
 
 def addsub_matmul(x, plan):
     # x (N,I) -> y (N,O)
-    """y[n, o] = sum_{i: W_t[o,i] = +1} x[n, i]  -  sum_{i: W_t[o,i] = -1} x[n, i]."""
-    x2 = x.reshape(-1, x.shape[-1])
-    plus_cols, plus_counts = plan["plus"]
-    minus_cols, minus_counts = plan["minus"]
-    y = _segment_sums(x2[:, plus_cols], plus_counts)        # the additions
-    y -= _segment_sums(x2[:, minus_cols], minus_counts)     # the subtractions
-    return y.reshape(x.shape[:-1] + (plan["out_features"],))
+    """y[n, o] = sum_{i: W_t[o,i] = +1} x[n, i]  -  sum_{i: W_t[o,i] = -1} x[n, i]
+               = sum of xx[n, j] over row o's signed indices j, with xx = [x, -x, 0]:
+    one gather (np.take) and one segmented sum (np.add.reduceat) per chunk of rows."""
+    idx, starts, I = plan
+    x2 = x.reshape(-1, I)
+    N = x2.shape[0]
+    y = np.empty((N, starts.size), dtype=x.dtype)
+    step = max(1, ADDSUB_VALUES // max(idx.size, 1))
+    for n in range(0, N, step):
+        xn = x2[n:n + step]
+        xx = np.zeros((xn.shape[0], 2 * I + 1), dtype=x.dtype)  # [x, -x, 0]
+        xx[:, :I] = xn
+        np.subtract(0, xn, out=xx[:, I:2 * I])                 # -x: a subtraction from zero
+        np.add.reduceat(np.take(xx, idx, axis=1), starts, axis=1, out=y[n:n + step])
+    return y.reshape(x.shape[:-1] + (starts.size,))

@@ -1,16 +1,16 @@
 """Equal wall clock: the full and the hierarchical head, trained from the same initialisation on
 the same data for the same time, and (optionally) the PyTorch peer with the reference recipe.
 
-    python -m nanoternary.compare_heads --data '../shared/corpus/*.parquet' --minutes 20
-    python -m nanoternary.compare_heads --data '../shared/corpus/*.parquet' --minutes 20 \\
-        --peer /tmp/torchenv/bin/python          # and the PyTorch peer, same budget, same data
+    python -m nanoternary.tools.compare_heads --minutes 20          # train.py's default data
+    python -m nanoternary.tools.compare_heads --minutes 20 --peer   # and the PyTorch peer, same
+                                                                    # budget, same data (.[peer])
 
 Runs `train.py` once per head (one after the other, so each has the whole machine), in
 OUT/full and OUT/hier, with the same seed: the core and the embedding start from identical weights
 (the hier head's class vectors are drawn after them). Any other train.py flags after `--` are
 passed to both runs. The two validation losses are exact NLLs (nats/token, no smoothing) on the
-same validation windows, so they compare directly. The peer logs its own validation NLL on its own
-5% document split (32 windows of 256 tokens); ours uses data.py's 5% split.
+same validation windows, so they compare directly; the peer (tools/torch_train_peer.py) trains on
+the same split and is evaluated on the same kind of windows.
 
 Writes OUT/summary.json and, with matplotlib, OUT/val_loss_vs_time.png.
 """
@@ -20,11 +20,10 @@ import os
 import subprocess
 import sys
 
-from . import runlog
+from .. import runlog
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN = os.path.join(os.path.dirname(HERE), "train.py")
-PEER = os.path.join(os.path.dirname(HERE), "..", "shared", "peers", "torch_train_peer.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "train.py")
 
 
 def val_curve(records):
@@ -42,10 +41,11 @@ def run_ours(head, args, extra):
 
 def run_peer(args):
     out = os.path.join(args.out, "peer.jsonl")
-    cmd = [args.peer, PEER, "--data", args.data[0], "--minutes", str(args.minutes), "--out", out,
-           "--seed", str(args.seed)]
+    cmd = [args.peer, "-m", "nanoternary.tools.torch_train_peer", "--minutes", str(args.minutes), "--out", out,
+           "--seed", str(args.seed)] + sum((["--data", d] for d in args.data or []), [])
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    subprocess.run(cmd, check=True, env=env)
     return val_curve(runlog.read(out))
 
 
@@ -82,11 +82,10 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/compare_heads", help="folder for the runs (default runs/compare_heads)")
     ap.add_argument("--seed", type=int, default=0, help="default 0")
     ap.add_argument("--heads", default="full,hier", help="which runs, in order (default full,hier)")
-    ap.add_argument("--peer", metavar="PYTHON", help="also train the PyTorch peer with this python "
-                    "(needs --data: the peer reads parquet only)")
+    ap.add_argument("--peer", nargs="?", const=sys.executable, metavar="PYTHON",
+                    help="also train the PyTorch peer (tools/torch_train_peer.py), with this python or, "
+                         "without PYTHON, this one (pip install -e \".[peer]\")")
     args = ap.parse_args(argv)
-    if args.peer and not args.data:
-        ap.error("--peer needs --data (a parquet glob)")
     os.makedirs(args.out, exist_ok=True)
     curves = {}
     for head in args.heads.split(","):

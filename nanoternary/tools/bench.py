@@ -1,11 +1,12 @@
 """Training-step benchmark: tokens/s, where the time goes, and the bounds to compare with.
 
-    python -m nanoternary.bench                               # every configuration, as a table
-    python -m nanoternary.bench --head full --json            # one configuration, one JSON object
-    python -m nanoternary.bench --peer /tmp/torchenv/bin/python   # and the PyTorch peer, same sitting
+    python -m nanoternary.tools.bench                         # every configuration, as a table
+    python -m nanoternary.tools.bench --head full --json      # one configuration, one JSON object
+    python -m nanoternary.tools.bench --peer                  # and the PyTorch peer, same sitting
+                                                              # (pip install -e ".[peer]" first)
 
-One step = forward, backward and an AdamW update of every parameter, embedding included, as the
-PyTorch peer (../shared/peers/torch_flashlm_v3.py) measures it; batch 8 x 256 by default, random
+One step = forward, backward (nanoternary/fast/step.py) and an AdamW update of every parameter,
+embedding included, as the PyTorch peer (tools/torch_peer.py) measures it; batch 8 x 256 by default, random
 token ids drawn from a Zipf law (so the hierarchical head sees realistic class sizes). Configurations:
 
     full        the full 50,257-way head on every position (the reference's step)
@@ -34,10 +35,11 @@ import time
 
 import numpy as np
 
-from . import profile
-from .model import Model, ModelConfig
-from .optim import AdamW
-from .parallel import set_threads
+from ..fast import profile
+from ..fast import step as fast
+from ..fast.optim import FastAdamW
+from ..fast.threads import default_workers, run_shards, set_threads, split
+from ..model import Model, ModelConfig
 
 CONFIGS = {
     "full": dict(head="full", loss_frac=1.0, train_embed=True),
@@ -65,10 +67,10 @@ def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_l
     rng = np.random.default_rng(seed)
     idx = zipf_tokens(rng, (batch_size, seq_len))
     tgt = zipf_tokens(rng, (batch_size, seq_len))
-    opt = AdamW(model.params, lr=1e-3)
+    opt = FastAdamW(model.params, lr=1e-3)
 
     def step():
-        loss, grads = model.loss_and_grads(idx, tgt, loss_frac=loss_frac, rng=rng, train_embed=train_embed)
+        loss, grads = fast.loss_and_grads(model, idx, tgt, loss_frac=loss_frac, rng=rng, train_embed=train_embed)
         with profile.section("optimizer"):
             opt.step(model.params, grads)
         return loss
@@ -80,33 +82,31 @@ def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_l
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    profile.enable(True)                      # shares from separate, profiled steps
-    profile.reset()
-    for _ in range(2):
-        step()
-    profile.enable(False)
+    with profile.attached():                  # shares from separate, profiled steps
+        for _ in range(2):
+            step()
+        shares = profile.shares()
     dt = float(np.median(times))
     return {
         "head": head, "loss_frac": loss_frac, "train_embed": train_embed,
-        "batch_size": batch_size, "seq_len": seq_len, "workers": model.workers,
+        "batch_size": batch_size, "seq_len": seq_len, "workers": default_workers(),
         "step_s": round(dt, 4), "step_s_min": round(min(times), 4),
         "tokens_per_s": round(batch_size * seq_len / dt, 1),
-        "shares": {k: round(v, 4) for k, v in profile.shares().items()},
+        "shares": {k: round(v, 4) for k, v in shares.items()},
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
 
 def bench_head(batch_size=8, seq_len=256, repeat=5, seed=0):
     """The full head alone (fused, sharded as in training) against its three GEMMs."""
-    from .ops.head import softmax_ce_fused
-    from .parallel import run_shards
+    from ..fast.head import softmax_ce_fused
     model = Model(ModelConfig(), seed=seed)
     rng = np.random.default_rng(seed)
     N, C = batch_size * seq_len, model.cfg.d_model
     E = model.params["embed.w"]
     h = rng.standard_normal((N, C)).astype(np.float32)
     y = zipf_tokens(rng, N)
-    shards = [(a, b) for a, b in model._shards(N)]
+    shards = [(a * seq_len, b * seq_len) for a, b in split(batch_size, default_workers())]
 
     def head():
         run_shards(lambda a, b: softmax_ce_fused(h[a:b], E, y[a:b], denom=N), shards)
@@ -142,17 +142,20 @@ def bench_head(batch_size=8, seq_len=256, repeat=5, seed=0):
             "gemm_gflops": round(3 * 2 * N * C * E.shape[0] / g / 1e9, 1)}
 
 
-def run_peer(python, script, batch_size, seq_len, name):
-    """tokens/s of the PyTorch peer, "full" head or "core" only, parsed from its output."""
+def run_peer(python, batch_size, seq_len, name):
+    """tokens/s of the PyTorch peer (tools/torch_peer.py), "full" head or "core" only, parsed from its
+    output. `python` may be another interpreter (a venv with torch): it finds this package by PYTHONPATH."""
     extra = {"full": [], "core": ["--frac", "0.004", "--freeze-emb"]}[name]
-    cmd = [python, script, "--B", str(batch_size), "--T", str(seq_len)] + extra
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [python, "-m", "nanoternary.tools.torch_peer", "bench", "--B", str(batch_size), "--T", str(seq_len)] + extra
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"peer failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
     return float(res.stdout.strip().split()[-1])
 
 
-def peer_rounds(python, script, common, batch_size, seq_len, rounds):
+def peer_rounds(python, common, batch_size, seq_len, rounds):
     """Ours and the peer in turn, `rounds` times, for the full head and the core: per-round ratios
     hold even when the machine's speed drifts between rounds."""
     out = {}
@@ -161,7 +164,7 @@ def peer_rounds(python, script, common, batch_size, seq_len, rounds):
         pairs = []
         for r in range(rounds):
             print(f"bench: round {r + 1}/{rounds}: {name}, PyTorch peer then ours ...", file=sys.stderr, flush=True)
-            p = run_peer(python, script, batch_size, seq_len, name)
+            p = run_peer(python, batch_size, seq_len, name)
             o = _subprocess_json(ours_args)["tokens_per_s"]
             pairs.append((p, o))
         ratios = sorted(o / p for p, o in pairs)
@@ -171,7 +174,7 @@ def peer_rounds(python, script, common, batch_size, seq_len, rounds):
 
 
 def _subprocess_json(args):
-    res = subprocess.run([sys.executable, "-m", "nanoternary.bench", "--json"] + args,
+    res = subprocess.run([sys.executable, "-m", "nanoternary.tools.bench", "--json"] + args,
                          capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"bench {' '.join(args)} failed:\n{res.stderr[-3000:]}")
@@ -189,10 +192,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="batch shards (default: one per core)")
     ap.add_argument("--gemm-bound", action="store_true", help="only the full head against its 3 GEMMs")
-    ap.add_argument("--peer", metavar="PYTHON", help="also run the PyTorch peer with this python")
+    ap.add_argument("--peer", nargs="?", const=sys.executable, metavar="PYTHON",
+                    help="also run the PyTorch peer (tools/torch_peer.py), with this python or, without "
+                         "PYTHON, this one (pip install -e \".[peer]\")")
     ap.add_argument("--rounds", type=int, default=3, help="peer and ours in turn, this many times (default 3)")
-    ap.add_argument("--peer-script", default=os.path.join("..", "shared", "peers", "torch_flashlm_v3.py"),
-                    help="the peer's benchmark script (default ../shared/peers/torch_flashlm_v3.py)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     shape = dict(batch_size=a.batch_size, seq_len=a.seq_len)
@@ -219,7 +222,7 @@ def main(argv=None):
     bound = _subprocess_json(["--gemm-bound", "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)])
     peer = None
     if a.peer:
-        peer = peer_rounds(a.peer, a.peer_script, common, a.batch_size, a.seq_len, a.rounds)
+        peer = peer_rounds(a.peer, common, a.batch_size, a.seq_len, a.rounds)
     if a.json:
         print(json.dumps({"runs": dict(runs), "head_vs_gemms": bound, "peer_tokens_per_s": peer}))
     else:

@@ -1,0 +1,10 @@
+"""The speed layer: the model's plain code, run faster. Nothing in ops/ or model.py imports it.
+
+    step.py       the training step on every core (threads.py), with the fused heads: same results
+                  as Model.loss_and_grads / Model.nll, proven equal by tests/test_fast.py
+    head.py       the full head fused and chunked (never holds the (N, V) logits)
+    hier_head.py  the hierarchical head split by classes between cores
+    optim.py      the optimizers' elementwise updates in cache-sized pieces, shared between cores
+    threads.py    the thread pool and the BLAS thread count (threadpoolctl)
+    profile.py    where the time goes: timed sections, and the model's functions wrapped from outside
+"""

@@ -1,0 +1,130 @@
+"""The training step on every core: `Model.loss_and_grads`, fast. Same arguments, same results.
+
+    from nanoternary.fast import step
+    loss, grads = step.loss_and_grads(model, idx, targets, loss_frac=0.25)   # as model.loss_and_grads
+    nll = step.nll(model, idx, targets)                                     # as model.nll
+
+The model's own `forward` / `backward` run straight through in one thread. Here the same functions
+(model.body_forward, model.body_backward) run in three parallel phases, one thread per core
+(threads.py), with a head that never holds the (N, V) logits:
+
+    1. body_forward of each shard of the batch (a shard = B / cores sequences)
+    2. the head over all N rows: the full head split by rows (fast/head.py, chunked, shift-free
+       softmax), the hierarchical head split by classes (fast/hier_head.py)
+    3. body_backward of each shard; the shards' weight gradients add up (data parallelism), and the
+       embedding's backward runs once over the whole batch, into the head's dE (the tied sum)
+
+tests/test_fast.py proves it equal to the plain step, for both heads and every training option.
+"""
+import numpy as np
+
+from .head import DEFAULT_CHUNK, max_row_norm, nll_fused, softmax_ce_fused
+from .hier_head import hier_ce_fused
+from .profile import section
+from .threads import add_into, default_workers, run_shards, split
+
+
+def loss_and_grads(model, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss_frac=1.0, rng=None,
+                   train_embed=True, workers=None, chunk=DEFAULT_CHUNK):
+    """model.loss_and_grads(idx, targets, ...) on `workers` cores (default: threads.default_workers).
+    train_embed=False also skips the head's third GEMM (dE)."""
+    rows = model.counted_rows(np.size(targets), loss_frac, rng)
+    return part_loss_and_grads(model, idx, targets, rows, None if rows is None else rows.size,
+                               label_smoothing=label_smoothing, z_loss=z_loss, train_embed=train_embed,
+                               workers=workers, chunk=chunk)
+
+
+def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0, z_loss=0.0, train_embed=True,
+                        workers=None, chunk=DEFAULT_CHUNK):
+    """The step for a part of a larger batch (dist.py: one process's rows of the global batch):
+    the loss summed over the counted positions `rows` of this part (None: all) divided by `denom`,
+    the count of the whole batch, and its gradients. The parts' results add up to the whole's."""
+    idx, targets = model.check_ids(idx), np.asarray(targets)
+    B, T = targets.shape
+    shards = split(B, workers or default_workers())
+    # 1. forward, one shard of the batch per core
+    fwd = run_shards(lambda b0, b1: model.body_forward(idx[b0:b1]), shards)
+    h = np.concatenate([h_s for h_s, _ in fwd])                          # (N, C)
+    # 2. the head over all N rows: the loss, dh, and the gradients of the head's weights
+    loss, dh, grads_head = _head(model, h, targets.reshape(-1), rows, denom, label_smoothing, z_loss,
+                                 train_embed, [(a * T, b * T) for a, b in shards], chunk)
+
+    # 3. backward, one shard per core
+    def backward(i, b0, b1):
+        return model.body_backward(dh[b0 * T:b1 * T], fwd[i][1])
+    results = run_shards(backward, [(i, b0, b1) for i, (b0, b1) in enumerate(shards)])
+    grads = results[0][0]
+    with section("shard sum"):
+        for grads_s, _ in results[1:]:                  # data parallel: sum the shards
+            for k in grads:
+                grads[k] += grads_s[k]
+    grads.update(grads_head)
+    if train_embed:                                     # tied: the head's dE plus the lookup's
+        dx = np.concatenate([dx_s for _, dx_s in results])
+        with section("embedding"):
+            embedding_backward_sorted(dx, idx, grads["embed.w"])
+    return float(loss), grads
+
+
+def embedding_backward_sorted(dx, idx, dE):
+    # dx (B,T,C), idx (B,T) -> dE (V,C) += the rows of dx, each at its token's row
+    """ops.embedding.embedding_backward, without np.add.at (one scattered add per row): the rows
+    sorted by token, the rows of each token summed by one np.add.reduceat, then one add per
+    distinct token, split between the cores (distinct tokens: disjoint rows of dE)."""
+    flat, d = idx.reshape(-1), dx.reshape(-1, dx.shape[-1])
+    order = np.argsort(flat, kind="stable")
+    tokens = flat[order]
+    starts = np.flatnonzero(np.concatenate(([True], tokens[1:] != tokens[:-1])))
+    uniq = tokens[starts]
+    bounds = np.concatenate((starts, [tokens.size]))
+
+    def add(lo, hi):                                    # the distinct tokens lo .. hi-1
+        sums = np.add.reduceat(d[order[bounds[lo]:bounds[hi]]], bounds[lo:hi] - bounds[lo], axis=0)
+        dE[uniq[lo:hi]] += sums
+    run_shards(add, split(uniq.size, default_workers()))
+    return dE
+
+
+def _head(model, h, targets, rows, denom, label_smoothing, z_loss, train_embed, pieces, chunk):
+    # h (N,C), targets (N,) -> loss, dh (N,C), {"embed.w": dE, "head.class_w": dWc as present}
+    E = model.params["embed.w"]
+    denom = denom or (h.shape[0] if rows is None else rows.size)
+    if model.cfg.head == "hier":
+        loss, dh, dE, dWc = hier_ce_fused(h, E, model.params["head.class_w"], model.hier, targets, rows,
+                                          label_smoothing, z_loss, need_dE=train_embed, denom=denom,
+                                          workers=len(pieces))
+        return loss, dh, {"head.class_w": dWc, **({"embed.w": dE} if train_embed else {})}
+
+    e_norm = max_row_norm(E) if denom > model.cfg.d_model else None      # for the shift-free softmax
+
+    def piece(a, b):                                    # the full head, split by rows
+        r = None if rows is None else rows[(rows >= a) & (rows < b)] - a
+        return softmax_ce_fused(h[a:b], E, targets[a:b], r, label_smoothing, z_loss, chunk,
+                                need_dE=train_embed, denom=denom, e_norm=e_norm)
+    parts = run_shards(piece, pieces)
+    loss = sum(p[0] for p in parts)
+    dh = np.concatenate([p[1] for p in parts])
+    if not train_embed:
+        return loss, dh, {}
+    dE = parts[0][2]
+    with section("shard sum"):
+        for p in parts[1:]:
+            add_into(dE, p[2])
+    return loss, dh, {"embed.w": dE}
+
+
+def nll(model, idx, targets, workers=None, chunk=DEFAULT_CHUNK):
+    # idx, targets (B,T) -> (B,T) float64: model.nll, one shard per core, the full head chunked
+    idx, targets = model.check_ids(idx), np.asarray(targets)
+
+    def shard(b0, b1):
+        if model.cfg.head == "hier":
+            return model.nll(idx[b0:b1], targets[b0:b1])
+        h, _ = model.body_forward(idx[b0:b1])
+        return nll_fused(h, model.params["embed.w"], targets[b0:b1].reshape(-1), chunk).reshape(b1 - b0, -1)
+    return np.concatenate(run_shards(shard, split(targets.shape[0], workers or default_workers())))
+
+
+def loss(model, idx, targets, workers=None):
+    """model.loss: mean NLL in nats per token, every position, no smoothing."""
+    return float(nll(model, idx, targets, workers).mean())

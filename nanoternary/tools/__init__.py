@@ -1,0 +1,1 @@
+"""Tools outside the reading path: benchmarks, comparisons, the PyTorch peer."""
