@@ -14,18 +14,18 @@ sample.py (the command people run) is a thin layer over `Generator.generate` tha
 token as it comes (taking care of UTF-8 characters split across tokens).
 
 Speed (`python -m nanoternary.generate bench`: reference configuration, random weights, 64-token
-prompt, 200 new tokens, temperature 0.8, top-k 200), full 50,257-way head, on our shared 2-core VM:
-125-255 tokens/s with kernel "addsub" and 164-330 with "blas", depending on the hour; the head's
-GEMV alone (51 MB of embedding read per token) takes 1.4-3.7 ms of that. With `--head hier`:
-about 310 (addsub) and 1,040 (blas) tokens/s. The README has the table.
+prompt, 200 new tokens, temperature 0.8, top-k 200) on our shared 2-core VM: 245 tokens/s with
+kernel "addsub" and 329 with "blas" with the full 50,257-way head (its GEMV alone, 51 MB of
+embedding read per token, takes 1.75 ms); 984 and 2,317 with the hier head. docs/generation.md has
+the table.
 
 ## Why a new token costs the same whatever the context length
 
 The model has no attention and no positional embedding: its only mixing over time is the causal
 dilated convolutions of the ConvMixer, n_recursions x len(dilations) of them (2 x 3 = 6 for the
 reference), and each looks back a fixed (K-1)*D steps. So the prompt is processed once, in one
-batched pass of the usual ops (the same op calls as `Model._block_forward`), and from then on a
-new token needs, per conv, only the last (K-1)*D inputs of that conv: a ring buffer.
+batched pass of the model's own `block_forward`, and from then on a new token needs, per conv,
+only the last (K-1)*D inputs of that conv: a ring buffer.
 
 One conv with kernel K and dilation D reads the normalised input u of its layer (C,) at the taps
 
@@ -39,30 +39,28 @@ p = t-L .. t-1, and zeros for p < 0 (that IS the causal left padding of the full
 
 then u_t is written to row t mod L, over u_{t-L}: the oldest tap of position t+1 is t+1-L, so
 u_{t-L} is never needed again. Reference sizes: L = 3, 12 and 192 rows of C = 256 for the
-dilations 1, 4, 64, about 0.4 MB in all for both recursions. Per conv and token: gather K taps,
-one small (1, K*Ci) @ (K*Ci, 2*Co) product per group (gate and value weights side by side), the
-sigmoid gate, write one row. After the prompt pass, the buffers are filled from the pass's u's.
+dilations 1, 4, 64, about 0.4 MB in all for both recursions. Per layer and token: gather the K taps
+once (gate and value read the same u), one small (1, K*Ci) @ (K*Ci, 2*Co) product per group (the
+two weights side by side), write one row. The prompt pass writes its last L inputs into the buffers.
 
 Everything else in the block works on each position alone (RMSNorm, the ternary linears, the GLU),
-so a step is the block's op list on ONE row. The whole model sees cfg.receptive_field tokens
-(1 + 2 * 3 * (1+4+64) = 415 for the reference); the buffers hold exactly what that needs.
+so a step is the model's `block_forward` on ONE row, with `RingConv`s in place of the convs
+(`model.mixer_forward`'s `convs`): the architecture is written once, in model.py. The whole model
+sees cfg.receptive_field tokens (1 + 2 * 3 * (1+4+64) = 415 for the reference); the buffers hold
+exactly what that needs.
 
 ## The ternary layers: additions and subtractions
 
 kernel="addsub" (the default here) runs the four ternary matrices of the block (mix.out, glu.gate,
-glu.up, glu.down) without a multiplication. `AddSubMatvec` takes the add/subtract plan of
-`ops.ternary.addsub_plan` (which columns are +1, which -1, row by row) and, for one input x (I,):
+glu.up, glu.down) without a multiplication: the op's own add/subtract kernel
+(`ops.ternary.addsub_matmul` with a plan made once per matrix), for the prompt and for each token:
 
     xx = [x, -x, 0]                                   (2I+1,)  negation: a subtraction from 0
-    y[o] = sum of xx[j] over j in idx[starts[o] : starts[o+1]]
+    y[o] = sum of xx[j] over row o's signed column list
          = sum_{i: W_t[o,i] = +1} x_i  -  sum_{i: W_t[o,i] = -1} x_i
 
-idx lists row o's +1 columns i and its -1 columns as I + i (an all-zero row gets the index 2I, the
-zero), so one gather (np.take) and one segmented sum (np.add.reduceat) per matrix, into buffers
-allocated once. glu.gate and glu.up read the same input, so they are stacked into one (2H, C)
-matrix. kernel="blas" runs the same products as float GEMVs, for comparison. The prompt pass uses
-the op itself (`ternary_linear_forward(..., kernel)`), in row chunks for "addsub" (its gather is
-rows x nonzeros values).
+one gather (np.take) and one segmented sum (np.add.reduceat) per matrix. kernel="blas" runs the same
+products as float GEMVs, for comparison.
 
 ## The head
 
@@ -346,21 +344,33 @@ class RingConv:
       - one new position t (u (1, 1, C)): the K inputs it reads, u_{t-(K-1-k)D} for k < K-1 from
         the ring and u_t itself, then ops/conv.py's equation at that one position,
             y[o] = sum_k sum_i w[o, i, k] * tap_k[g(o)*Ci + i]
+        for the gate's and the value's weights at once: one (1, K*Ci) @ (K*Ci, 2*Co) product per
+        group, with the two weights laid out side by side once, here.
 
-    Gate and value read the same u: the first call (the gate's) gathers the taps and then writes the
-    new inputs into the ring; the second (the value's) reuses the taps.
+    Gate and value read the same u: the first call (the gate's) gathers the taps, computes both
+    outputs and writes the new inputs into the ring; the second (the value's) returns its half.
     """
 
-    def __init__(self, kernel_size, dilation, channels, dtype):
-        self.L = (kernel_size - 1) * dilation
-        self.ring = np.zeros((self.L, channels), dtype=dtype)  # row p mod L holds u_p; zeros for p < 0
-        self.back = np.arange(kernel_size - 1) * dilation      # tap k < K-1 sits at row (t + kD) mod L
+    def __init__(self, w_gate, w_value, dilation, groups, dtype):
+        C_out, Ci, K = w_gate.shape
+        G, Co = groups, C_out // groups
+        self.K, self.G, self.Ci = K, G, Ci
+        self.L = (K - 1) * dilation
+        self.ring = np.zeros((self.L, G * Ci), dtype=dtype)   # row p mod L holds u_p; zeros for p < 0
+        self.back = np.arange(K - 1) * dilation                # tap k < K-1 sits at row (t + kD) mod L
+        self.w_gate, self.w_value = w_gate, w_value
+        # (C_out, Ci, K) -> (G, K*Ci, Co): row k*Ci + i, column o; gate's columns, then value's
+        split = lambda w: w.reshape(G, Co, Ci, K).transpose(0, 3, 2, 1).reshape(G, K * Ci, Co)
+        self.W = np.ascontiguousarray(np.concatenate([split(w_gate), split(w_value)], axis=2), dtype=dtype)
+        self.reset()
+
+    def reset(self):
+        self.ring[:] = 0
         self.t = 0                                             # the position of the next input
-        self.u_in = self.taps = None
+        self.u_in = self.y = None
 
     def __call__(self, u, w, D, G):
         # u (1,T,C), w (C_out, C/G, K) -> y (1,T,C_out), cache: as conv1d_forward
-        C_out, Ci, K = w.shape
         first = u is not self.u_in
         self.u_in = u
         if u.shape[1] > 1:                                     # the prompt, from position 0
@@ -370,24 +380,23 @@ class RingConv:
             return conv1d_forward(u, w, D, G)
         if first:
             taps = np.concatenate((self.ring[(self.t + self.back) % self.L], u[0])) if self.L else u[0]
-            # (K, C) -> (G, Ci*K, 1): group g's inputs i at every tap k, ordered like w's (i, k)
-            self.taps = taps.reshape(K, G, Ci).transpose(1, 2, 0).reshape(G, Ci * K, 1)
+            taps = taps.reshape(self.K, self.G, self.Ci).transpose(1, 0, 2).reshape(self.G, 1, -1)
+            self.y = np.matmul(taps, self.W)[:, 0]             # (G, 2Co): [gate | value] per group
             self._write(u[0])
-        y = np.matmul(w.reshape(G, C_out // G, Ci * K), self.taps)       # (G, Co, 1): the sum over i, k
-        return y.reshape(1, 1, C_out), None
+        Co = self.y.shape[1] // 2
+        half = self.y[:, :Co] if w is self.w_gate else self.y[:, Co:]
+        assert w is self.w_gate or w is self.w_value, "RingConv serves its own layer's two convs"
+        return half.reshape(1, 1, -1), None
 
     def _write(self, u):
         # u (T, C): the inputs at positions t .. t+T-1 become history; the last L go to their rows
         T = u.shape[0]
-        if self.L:
+        if self.L and T == 1:
+            self.ring[self.t % self.L] = u[0]
+        elif self.L:
             p = np.arange(max(0, T - self.L), T)
             self.ring[(self.t + p) % self.L] = u[p]
         self.t += T
-
-    def reset(self):
-        self.ring[:] = 0
-        self.t = 0
-        self.u_in = self.taps = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +450,8 @@ class Generator:
         self.q = {name: (wt.astype(dt), dt.type(s), kernel, addsub_plan(wt) if kernel == "addsub" else None)
                   for name, (wt, s) in w.ternary.items()}
         # one RingConv per ConvMixer layer of every block application (the weights are shared, the state not)
-        self.rings = [[RingConv(cfg.kernel_size, D, cfg.d_model, dt) for D in cfg.dilations]
+        self.rings = [[RingConv(p[f"block.mix.conv{i}.gate.w"], p[f"block.mix.conv{i}.value.w"], D,
+                                cfg.conv_groups, dt) for i, D in enumerate(cfg.dilations)]
                       for _ in range(cfg.n_recursions)]
         # the head
         if cfg.head == "full":

@@ -6,5 +6,6 @@
     hier_head.py  the hierarchical head split by classes between cores
     optim.py      the optimizers' elementwise updates in cache-sized pieces, shared between cores
     threads.py    the thread pool and the BLAS thread count (threadpoolctl)
+    dist.py       data parallelism across processes and machines: MPI (mpiexec -n N python train.py)
     profile.py    where the time goes: timed sections, and the model's functions wrapped from outside
 """
