@@ -297,7 +297,8 @@ class Model:
             dh_rows, dh = dh, np.zeros((N, dh.shape[1]), dh.dtype)
             dh[rows] = dh_rows                                            # rows are distinct
         grads, dx = self.body_backward(dh, c_body)
-        dE_lookup = embedding_backward(dx, c_body[0])
+        c_embed = c_body[0]
+        dE_lookup = embedding_backward(dx, c_embed)
         grads["embed.w"] = grads_head.pop("embed.w") + dE_lookup          # tied: head + lookup
         grads.update(grads_head)
         return grads

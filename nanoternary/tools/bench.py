@@ -142,6 +142,13 @@ def bench_head(batch_size=8, seq_len=256, repeat=5, seed=0):
             "gemm_gflops": round(3 * 2 * N * C * E.shape[0] / g / 1e9, 1)}
 
 
+def check_peer(python):
+    """Exit with one line when `python` cannot import torch (the peer needs it)."""
+    if subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0:
+        sys.exit(f"error: the PyTorch peer needs torch in {python}: pip install -e \".[peer]\" (or pass "
+                 f"--peer PYTHON of an environment that has it)")
+
+
 def run_peer(python, batch_size, seq_len, name):
     """tokens/s of the PyTorch peer (tools/torch_peer.py), "full" head or "core" only, parsed from its
     output. `python` may be another interpreter (a venv with torch): it finds this package by PYTHONPATH."""
@@ -198,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="peer and ours in turn, this many times (default 3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
+    if a.peer:
+        check_peer(a.peer)
     shape = dict(batch_size=a.batch_size, seq_len=a.seq_len)
 
     if a.gemm_bound:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from .. import runlog
+from .bench import check_peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -86,6 +87,8 @@ def main(argv=None):
                     help="also train the PyTorch peer (tools/torch_train_peer.py), with this python or, "
                          "without PYTHON, this one (pip install -e \".[peer]\")")
     args = ap.parse_args(argv)
+    if args.peer:
+        check_peer(args.peer)
     os.makedirs(args.out, exist_ok=True)
     curves = {}
     for head in args.heads.split(","):
