@@ -14,10 +14,10 @@ sample.py (the command people run) is a thin layer over `Generator.generate` tha
 token as it comes (taking care of UTF-8 characters split across tokens).
 
 Speed (`python -m nanoternary.generate bench`: reference configuration, random weights, 64-token
-prompt, 200 new tokens, temperature 0.8, top-k 200) on our shared 2-core VM: 245 tokens/s with
-kernel "addsub" and 329 with "blas" with the full 50,257-way head (its GEMV alone, 51 MB of
-embedding read per token, takes 1.75 ms); 984 and 2,317 with the hier head. docs/generation.md has
-the table.
+prompt, 200 new tokens, temperature 0.8, top-k 200) on our shared 2-core VM: 209 tokens/s with
+kernel "addsub" and 265 with "blas" with the full 50,257-way head (its GEMV alone, 51 MB of
+embedding read per token, takes 1.75-2.23 ms); 1,141 and 2,427 with the hier head.
+docs/generation.md has the table.
 
 ## Why a new token costs the same whatever the context length
 
