@@ -35,14 +35,6 @@ def launched_size():
     return 2 if "PMIX_RANK" in os.environ else 1
 
 
-def launched_rank():
-    """This process's rank, from mpiexec's environment (0 when it did not start this one)."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
 class Single:
     """The world of one process: every collective operation is the identity."""
     rank, size, local_size = 0, 1, 1
