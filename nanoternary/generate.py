@@ -100,7 +100,7 @@ from .checkpoint import CheckpointError, check_params, check_zip, load_checkpoin
 from .fileio import atomic_open
 from .classmap import ClassMap
 from .model import TERNARY, Model, ModelConfig, block_forward, n_hier_classes, param_shapes, quantize
-from .ops.conv import conv1d_forward
+from .ops.conv import conv1d_forward, split_weight
 from .ops.hier_head import hier_log_probs
 from .ops.norm import rmsnorm_forward
 from .ops.ternary import addsub_plan
@@ -359,8 +359,9 @@ class RingConv:
         self.ring = np.zeros((self.L, G * Ci), dtype=dtype)   # row p mod L holds u_p; zeros for p < 0
         self.back = np.arange(K - 1) * dilation                # tap k < K-1 sits at row (t + kD) mod L
         self.w_gate, self.w_value = w_gate, w_value
-        # (C_out, Ci, K) -> (G, K*Ci, Co): row k*Ci + i, column o; gate's columns, then value's
-        split = lambda w: w.reshape(G, Co, Ci, K).transpose(0, 3, 2, 1).reshape(G, K * Ci, Co)
+        # the conv's per-group, per-tap weights (G, K, Ci, Co) as (G, K*Ci, Co): row k*Ci + i, column o;
+        # the gate's columns, then the value's
+        split = lambda w: split_weight(w, G).reshape(G, K * Ci, Co)
         self.W = np.ascontiguousarray(np.concatenate([split(w_gate), split(w_value)], axis=2), dtype=dtype)
         self.reset()
 

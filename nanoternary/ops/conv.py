@@ -19,7 +19,7 @@ is the plain-loop version of the equation above that the tests check this agains
 import numpy as np
 
 
-def _split_weight(w, groups):
+def split_weight(w, groups):
     # w (C_out, Ci, K) -> (G, K, Ci, Co): one (Ci, Co) matrix per group and tap, contiguous
     # (matmul copies a strided weight for every batch element, which costs more than the product)
     C_out, Ci, K = w.shape
@@ -45,7 +45,7 @@ def conv1d_forward(x, w, dilation=1, groups=1):
     xp = np.zeros((B, P + T, C_in), dtype=x.dtype)                  # left padding: P zeros
     xp[:, P:] = x
     xg = _group_view(xp, G)                                          # (G, B, P+T, Ci) view
-    W = _split_weight(w, G)                                          # (G, K, Ci, Co)
+    W = split_weight(w, G)                                          # (G, K, Ci, Co)
     yg = np.matmul(xg[:, :, 0:T], W[:, 0, None])                     # tap 0: (G,B,T,Ci) @ (G,1,Ci,Co)
     for k in range(1, K):
         yg += np.matmul(xg[:, :, k * D:k * D + T], W[:, k, None])
@@ -75,7 +75,7 @@ def conv1d_backward(dy, cache):
         dW[:, k] = np.matmul(win.transpose(0, 1, 3, 2), dyg).sum(axis=1)
         dxg[:, :, k * D:k * D + T] += np.matmul(dyg, WT[:, k, None])
     dx = dxg[:, :, P:].transpose(1, 2, 0, 3).reshape(B, T, C_in)
-    dw = dW.transpose(0, 3, 2, 1).reshape(G * Co, Ci, K)                        # undo _split_weight
+    dw = dW.transpose(0, 3, 2, 1).reshape(G * Co, Ci, K)                        # undo split_weight
     return dx, dw
 
 

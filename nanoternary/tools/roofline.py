@@ -94,7 +94,6 @@ def ops(cfg, batch_size, T, cores, dtype=np.float32):
     _, c_sig = sigmoid_gate_forward(x3, x3)
     out += [("sigmoid gate forward", n_layers, lambda: sigmoid_gate_forward(x3, x3), 5 * rows * C, 4 * nc),
             ("sigmoid gate backward", n_layers, lambda: sigmoid_gate_backward(x3, c_sig), 6 * rows * C, 5 * nc)]
-    x2 = x3.reshape(rows, C)
     for name, (I, O) in (("mix.out", (C, C)), ("glu.gate / glu.up", (C, H)), ("glu.down", (H, C))):
         key = {"mix.out": "block.mix.out.w", "glu.gate / glu.up": "block.glu.gate.w", "glu.down": "block.glu.down.w"}[name]
         wt, s = q[key]
