@@ -1,23 +1,13 @@
 """The full head, fused and chunked: the same loss and gradients as ops/head.py's textbook pair
 (softmax_ce_forward / softmax_ce_backward), without ever holding the (N, V) logits.
 
-For a row h (C,) (the final RMSNorm's output) and its target token y:
-
-    l   = h @ E^T                       (V,)  logits; E (V, C) is the tied token embedding
-    lse = log sum_v exp(l_v)                  log of the softmax normaliser
-    nll = lse - l_y                           the loss: -log p_y
-
-with the reference's training-only options (all off by default):
-
-    label smoothing eps:  loss = (1-eps) * nll + eps * (lse - mean_v l_v)   (target mixed with uniform)
-    z-loss z:             loss += z * lse^2                                   (keeps lse near 0)
-    rows:                 only these rows count (the reference's loss on a random 25% of positions)
-
-Gradient of the per-row loss with respect to the logits (p = softmax(l)):
+The math is ops/head.py's (its docstring states it); the one line this file builds on is the
+gradient of a row's loss with respect to its logits (p = softmax(l)),
 
     dl_v = p_v * (1 + 2 z lse)  -  (1-eps) [v == y]  -  eps / V
 
-then dh = dl @ E and dE = dl^T @ h, two more GEMMs the size of the first.
+then dh = dl @ E and dE = dl^T @ h, two more GEMMs the size of the first. `rows`: only these rows
+count (the reference's loss on a random 25% of positions).
 
 Why fused and chunked: the (N, V) logits for a batch of 8 x 256 rows are 2048 * 50257 * 4 bytes
 = 412 MB in float32, and the probabilities and their gradient would be as big again. The backward
