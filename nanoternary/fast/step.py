@@ -39,7 +39,7 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
     """The step for a part of a larger batch (dist.py: one process's rows of the global batch):
     the loss summed over the counted positions `rows` of this part (None: all) divided by `denom`,
     the count of the whole batch, and its gradients. The parts' results add up to the whole's."""
-    idx, targets = model.check_ids(idx), np.asarray(targets)
+    idx, targets = np.asarray(idx), np.asarray(targets)          # ids checked by body_forward
     B, T = targets.shape
     shards = split(B, workers or default_workers())
     # 1. forward, one shard of the batch per core
