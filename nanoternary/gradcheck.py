@@ -24,7 +24,9 @@ from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
 from .ops.gates import relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward, sigmoid_gate_forward
 from .ops.head import cross_entropy_backward, cross_entropy_forward, softmax_ce_backward, softmax_ce_forward
-from .classmap import ClassMap
+from .classmap import ClassMap, ClusterMap
+from .ops.adaptive_head import (adaptive_ce_backward, adaptive_ce_forward, adaptive_weight_grads, adaptive_weights,
+                                tail_widths)
 from .ops.hier_head import hier_ce_backward, hier_ce_forward
 from .ops.norm import rmsnorm_backward, rmsnorm_forward
 from .ops.ternary import ternary_linear_backward, ternary_linear_forward, ternary_quantize
@@ -141,6 +143,50 @@ def check_hier_head(rng, eps=0.1, z=0.05):
                      lambda d, c: hier_ce_backward(float(d), c), inputs, ["h", "E", "W_c"], rng)
 
 
+def adaptive_setup(rng, V=29, C=8, cutoffs=(5, 12, 29), div=2, N=14):
+    """A tiny adaptive head: the cluster map from random counts, targets that reach every cluster
+    (the first rows take one token of each), h and the weights of the head and the tails."""
+    cmap = ClusterMap.from_counts(rng.integers(0, 100, V) ** 2, cutoffs)
+    y = rng.integers(0, V, N)
+    y[:cmap.n_tails + 1] = [cmap.members(i)[0] for i in range(cmap.n_tails + 1)]
+    tails = [(rng.standard_normal((d, C)), rng.standard_normal((n, d)))
+             for d, n in zip(tail_widths(C, div, cmap.n_tails), cmap.sizes[1:])]
+    return cmap, y, rng.standard_normal((N, C)), rng.standard_normal((cmap.shortlist_size + cmap.n_tails, C)), tails
+
+
+def check_adaptive_head(rng, eps=0.1, z=0.05):
+    """The op pair on h, W_head and each tail's P_i and W_i."""
+    cmap, y, h, W_head, tails = adaptive_setup(rng)
+    flat = [h, W_head] + [w for t in tails for w in t]
+
+    def forward(h, W_head, *tw):
+        return adaptive_ce_forward(h, W_head, list(zip(tw[::2], tw[1::2])), cmap, y, eps, z)
+
+    def backward(d, cache):
+        dh, dW_head, dtails = adaptive_ce_backward(float(d), cache)
+        return (dh, dW_head, *[g for t in dtails for g in t])
+    names = ["h", "W_head"] + [f"{w}_{i}" for i in range(1, len(tails) + 1) for w in ("P", "W")]
+    return op_errors(forward, backward, flat, names, rng)
+
+
+def check_adaptive_head_tied(rng, eps=0.1, z=0.05):
+    """The head as the model ties it: E, the cluster vectors and the projections in,
+    adaptive_weights -> the op -> adaptive_weight_grads."""
+    cmap, y, h, _, tails = adaptive_setup(rng)
+    E, cw = rng.standard_normal((cmap.vocab_size, h.shape[1])), rng.standard_normal((cmap.n_tails, h.shape[1]))
+
+    def forward(h, E, cw, *projs):
+        W_head, tw = adaptive_weights(E, cw, list(projs), cmap)
+        return adaptive_ce_forward(h, W_head, tw, cmap, y, eps, z)
+
+    def backward(d, cache):
+        dh, dW_head, dtails = adaptive_ce_backward(float(d), cache)
+        dE, dcw, dprojs = adaptive_weight_grads(dW_head, dtails, cmap, E.shape)
+        return (dh, dE, dcw, *dprojs)
+    return op_errors(forward, backward, [h, E, cw] + [P for P, _ in tails],
+                     ["h", "E", "cluster_w"] + [f"P_{i}" for i in range(1, len(tails) + 1)], rng)
+
+
 TINY = dict(vocab_size=23, d_model=8, glu_hidden=12, n_recursions=2, dilations=(1, 3), kernel_size=3, conv_groups=2)
 
 
@@ -188,6 +234,9 @@ CHECKS = {
     "full head (smoothing, z-loss)": check_full_head,
     "hier head": lambda rng: check_hier_head(rng, 0.0, 0.0),
     "hier head (smoothing, z-loss)": check_hier_head,
+    "adaptive head": lambda rng: check_adaptive_head(rng, 0.0, 0.0),
+    "adaptive head (smoothing, z-loss)": check_adaptive_head,
+    "adaptive head, tied (smoothing, z-loss)": check_adaptive_head_tied,
     "model, full head": check_model,
     "model, hier head": lambda rng: check_model(rng, "hier"),
     "model, full head, training options": lambda rng: check_model(rng, **OPTIONS),

@@ -2,7 +2,8 @@
 
 Reading order: norm.py (RMSNorm), ternary.py (the {-1, 0, +1} linear layer), conv.py (the causal
 dilated grouped convolution), gates.py (the sigmoid gate and the squared-ReLU GLU), embedding.py,
-head.py (the 50,257-way softmax cross-entropy), hier_head.py (the two-level softmax).
+head.py (the 50,257-way softmax cross-entropy), hier_head.py (the two-level softmax),
+adaptive_head.py (the adaptive softmax: a shortlist and narrower tail clusters).
 
 Shape letters used in every file:
     B batch, T time (sequence length), N = B*T rows, C model width (d_model),
