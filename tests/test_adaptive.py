@@ -184,3 +184,71 @@ def test_matches_torch_adaptive_log_softmax_float64():
         close(dP, asm.tail[i][0].weight.grad, f"dP_{i + 1}")
         close(dW, asm.tail[i][1].weight.grad, f"dW_{i + 1}")
     close(adaptive_log_probs(h, W_head, tails, cmap)[:, cmap.order], asm.log_prob(th), "log_probs")
+
+
+# ------------------------------------------------------------------------------- the fast version
+
+def plain_on_rows(h, W_head, tails, cmap, y, rows, eps, z, denom=None):
+    """The plain pair on the counted rows, dh scattered back, scaled to a share of `denom` rows:
+    what the fused op computes."""
+    hs, ys = (h, y) if rows is None else (h[rows], y[rows])
+    loss, cache = adaptive_ce_forward(hs, W_head, tails, cmap, ys, eps, z)
+    dhs, dW_head, dtails = adaptive_ce_backward(1.0, cache)
+    k = hs.shape[0] / (denom or hs.shape[0])
+    dh = np.zeros_like(h)
+    dh[slice(None) if rows is None else rows] = dhs
+    return loss * k, dh * k, dW_head * k, [(dP * k, dW * k) for dP, dW in dtails]
+
+
+def assert_close(got, want, name, rtol=1e-10):
+    err = np.abs(got - want).max(initial=0.0) / max(np.abs(want).max(initial=0.0), 1e-30)
+    assert got.shape == want.shape and err <= rtol, f"{name}: relative difference {err:.2e} > {rtol:g}"
+
+
+@pytest.mark.parametrize("eps,z", [(0.0, 0.0), (0.1, 1e-3), (0.2, 0.3)])
+@pytest.mark.parametrize("use_rows", [False, True])
+@pytest.mark.parametrize("scale", [0.3, 30.0])          # shift-free exp / max-shifted exp
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_fused_equals_plain_float64(setup, eps, z, use_rows, scale, workers):
+    from nanoternary.fast.adaptive_head import adaptive_ce_fused
+    cmap, y, h, W_head, tails = setup
+    h = h * scale
+    r = np.random.default_rng(5)
+    rows = np.sort(r.choice(len(y), 17, replace=False)) if use_rows else None
+    denom = 40 if use_rows else None
+    want = plain_on_rows(h, W_head, tails, cmap, y, rows, eps, z, denom)
+    for chunk in (4, 1024):
+        loss, dh, dW_head, dtails = adaptive_ce_fused(h, W_head, tails, cmap, y, rows, eps, z, denom=denom,
+                                                      workers=workers, chunk=chunk)
+        assert abs(loss - want[0]) <= 1e-10 * abs(want[0])
+        assert_close(dh, want[1], "dh")
+        assert_close(dW_head, want[2], "dW_head")
+        for i, ((dP, dW), (wP, wW)) in enumerate(zip(dtails, want[3]), start=1):
+            assert_close(dP, wP, f"dP_{i}")
+            assert_close(dW, wW, f"dW_{i}")
+    # need_dW=False: the token vectors' gradients skipped, the rest unchanged
+    loss, dh, dW_head, dtails = adaptive_ce_fused(h, W_head, tails, cmap, y, rows, eps, z, need_dW=False,
+                                                  denom=denom, workers=workers)
+    S = cmap.shortlist_size
+    assert abs(loss - want[0]) <= 1e-10 * abs(want[0]) and not dW_head[:S].any()
+    assert_close(dh, want[1], "dh")
+    assert_close(dW_head[S:], want[2][S:], "dW_head cluster rows")
+    for i, ((dP, dW), (wP, _)) in enumerate(zip(dtails, want[3]), start=1):
+        assert dW is None
+        assert_close(dP, wP, f"dP_{i}")
+
+
+def test_fused_with_no_counted_rows_and_float32(setup):
+    from nanoternary.fast.adaptive_head import adaptive_ce_fused
+    cmap, y, h, W_head, tails = setup
+    loss, dh, dW_head, dtails = adaptive_ce_fused(h, W_head, tails, cmap, y, np.array([], dtype=np.int64),
+                                                  denom=10, workers=2)
+    assert loss == 0.0 and not dh.any() and not dW_head.any() and not any(a.any() for t in dtails for a in t)
+    f32 = lambda a: a.astype(np.float32)
+    got = adaptive_ce_fused(f32(h), f32(W_head), [(f32(P), f32(W)) for P, W in tails], cmap, y, None, 0.1, 1e-4,
+                            workers=2)
+    want = plain_on_rows(h, W_head, tails, cmap, y, None, 0.1, 1e-4)
+    assert got[1].dtype == np.float32 and got[2].dtype == np.float32
+    assert abs(got[0] - want[0]) < 1e-5 * abs(want[0])
+    assert_close(got[1], want[1], "dh", 1e-5)
+    assert_close(got[2], want[2], "dW_head", 1e-5)
