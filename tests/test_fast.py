@@ -198,6 +198,39 @@ def test_fast_optimizers_equal_the_plain_ones_bit_for_bit(rng):
             np.testing.assert_array_equal(f.shadow[k], e.shadow[k], err_msg=k)
 
 
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")     # 1e30^2 in float32: on purpose
+@pytest.mark.parametrize("path", ["compiled loop", "numpy pieces", "python loop"])
+def test_fast_adamw_every_path_equals_the_plain_one_bit_for_bit(path, monkeypatch):
+    """FastAdamW's three ways to run the update: numba's compiled loop (fast.optim._adamw_loop, when
+    numba is installed), the NumPy passes over cache-sized pieces (without numba), and the loop as
+    plain Python (what numba compiles) -- bit for bit optim.AdamW's, in float32 and float64, with
+    overflowing, underflowing and zero gradients, with and without decay, split between threads."""
+    from nanoternary.fast import optim as fast_optim
+    if path == "compiled loop":
+        pytest.importorskip("numba")
+        assert fast_optim._adamw_loop is not None
+    else:
+        monkeypatch.setattr(fast_optim, "_adamw_loop", None if path == "numpy pieces" else fast_optim._adamw_loop_py)
+    n = 2003 if path == "python loop" else (1 << 20) + 7              # above parallel_ranges' min_size
+    r = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        shapes = {"embed.w": (n,), "norm.g": (n // 3,)}                # 1-D: no decay
+        params = {k: r.standard_normal(sh).astype(dtype) for k, sh in shapes.items()}
+        params["embed.w"] = params["embed.w"].reshape(-1, 1)
+        plain, fast_p = {k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in params.items()}
+        a, b = AdamW(plain, lr=1e-2), FastAdamW(fast_p, lr=1e-2)
+        for step in range(3):
+            grads = {k: (r.standard_normal(v.shape) * 10.0 ** r.integers(-3, 3)).astype(dtype) for k, v in params.items()}
+            g = grads["embed.w"].reshape(-1)
+            g[:5] = [0.0, -0.0, 1e30, -1e-30, 1e-45 if dtype == np.float32 else 1e-320]
+            a.step(plain, grads, lr=1e-2 / (step + 1))
+            b.step(fast_p, grads, lr=1e-2 / (step + 1))
+        for k in shapes:
+            for what, got, want in (("p", fast_p[k], plain[k]), ("m", b.m[k], a.m[k]), ("v", b.v[k], a.v[k])):
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got, want, err_msg=f"{path}: {what} of {k} ({np.dtype(dtype).name})")
+
 def test_fast_normuon_equals_the_plain_one(rng):
     """One matrix per core with single-threaded BLAS: float32 bit for bit here; float64 to 1e-12 (a
     BLAS may sum in another order with another thread count)."""
