@@ -35,11 +35,14 @@ parameters, adaptive_weight_grads folds their gradients back):
     ("head.cluster_w", like the hier head's "head.class_w"): no token stands for a cluster;
   - the projections P_i are parameters of their own ("head.proj{i}.w"): (d_i, C), 20K entries in all;
   - the tail token vectors W_i are the first d_i columns of those tokens' rows of E:
-    W_i = E[tokens of cluster i, :d_i]. The math allows it (any (n_i, d_i) matrix works, and a
-    rare token's vector then learns from its uses as an input too, the argument for tying at all);
-    the SVD-projected GPT-2 embedding orders its columns by variance, so the first d_i carry the
-    most of each token's vector; and untied W_i would add 1.33M parameters (10% of the model) and
-    their optimizer state for the tokens that are seen least.
+    W_i = E[tokens of cluster i, :d_i]. The math allows it (any (n_i, d_i) matrix works), and a
+    rare token's vector then also learns from the token's uses as an input, the argument for tying
+    at all; the SVD-projected GPT-2 embedding orders its columns by variance, so the first d_i
+    carry the most of each token's vector. Untied W_i would add 1.33M parameters (10% of the
+    model, for the default split) and their optimizer state, for the tokens seen least. Measured
+    in a small learning test (a bigram model h = RMSNorm(E[x] @ A), E random N(0, 0.02), this head,
+    600 AdamW steps of 2,048 tokens of English text; a one-off while building this head, issue 16): validation NLL
+    4.270 tied, 4.309 with untied W_i, after the same steps.
 Every token is in exactly one cluster, so each row of dE gets one of these gradients (the shortlist's
 whole row, or a tail token's first d_i columns) and nothing needs to be added up.
 """

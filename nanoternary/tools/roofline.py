@@ -133,6 +133,8 @@ def ops(cfg, batch_size, T, cores, dtype=np.float32):
     ns_flops = sum(5 * 2 * min(params[k].shape) ** 2 * (2 * max(params[k].shape) + min(params[k].shape))
                    for k in muon_names)
     out += [("AdamW update, embedding (12.9M)", 1, lambda: adam.step(params, emb), 12 * E.size, 7 * E.nbytes),
+            ("AdamW update, embedding, as without numba (NumPy pieces; not in the step)", 0,
+             lambda: _numpy_adamw(adam, params, emb), 12 * E.size, 7 * E.nbytes),
             ("AdamW update, the rest", 1, lambda: adam.step(params, rest), 12 * n_rest, 7 * 4 * n_rest),
             ("NorMuon update (4 matrices, Newton-Schulz)", 1, lambda: muon.step(params, grads), ns_flops,
              8 * sum(params[k].nbytes for k in muon_names)),
@@ -141,6 +143,17 @@ def ops(cfg, batch_size, T, cores, dtype=np.float32):
                       if k != "embed.w"],
              n_rest + sum(params[k].size for k in muon_names), 3 * 4 * (n_rest + sum(params[k].size for k in muon_names)))]
     return out
+
+
+def _numpy_adamw(adam, params, grads):
+    """FastAdamW's step as it runs without numba: 13 NumPy passes over cache-sized pieces (for the
+    before/after comparison; `calls` 0: not part of the step)."""
+    from ..fast import optim as fast_optim
+    loop, fast_optim._adamw_loop = fast_optim._adamw_loop, None
+    try:
+        adam.step(params, grads)
+    finally:
+        fast_optim._adamw_loop = loop
 
 
 def table(cfg, batch_size, seq_len, cores):
@@ -152,9 +165,10 @@ def table(cfg, batch_size, seq_len, cores):
         for name, calls, fn, flops, nbytes in ops(cfg, batch_size, seq_len, cores):
             t = best(fn)
             bound = max(flops / (gemm * 1e9), nbytes / (bw * 1e9))
+            k = calls or 1                            # calls 0: a comparison, shown per call, not summed
             lines.append({"op": name, "calls": calls, "ms_per_call": 1e3 * t, "ms_per_step": 1e3 * t * calls,
-                          "gflop": flops * calls / 1e9, "mb": nbytes * calls / 1e6,
-                          "bound_ms": 1e3 * bound * calls, "gap": t / bound if bound else float("inf")})
+                          "gflop": flops * k / 1e9, "mb": nbytes * k / 1e6,
+                          "bound_ms": 1e3 * bound * k, "gap": t / bound if bound else float("inf")})
     set_threads(None)
     return {"gemm_gflops": gemm, "bandwidth_gbs": bw, "rows_per_shard": rows, "cores": cores, "ops": lines}
 
@@ -169,7 +183,7 @@ def markdown(res):
         out.append(f"| {r['op']} | {r['calls']} | {r['ms_per_call']:.3f} | {r['ms_per_step']:.1f} | "
                    f"{r['gflop']:.3f} | {r['mb']:.0f} | {r['bound_ms']:.1f} | {r['gap']:.1f}x |")
         for k in tot:
-            tot[k] += r[k]
+            tot[k] += r[k] if r["calls"] else 0.0
     out.append(f"| **the step without the head, CPU time** | | | **{tot['ms_per_step']:.1f}** | {tot['gflop']:.2f} | "
                f"{tot['mb']:.0f} | **{tot['bound_ms']:.1f}** | {tot['ms_per_step'] / tot['bound_ms']:.1f}x |")
     out.append(f"| ... per core (wall time, if the cores share it evenly) | | | {tot['ms_per_step'] / res['cores']:.1f} | "
