@@ -8,7 +8,6 @@ from nanoternary.classmap import DEFAULT_CUTOFFS, ClusterMap, default_cutoffs
 from nanoternary.gradcheck import adaptive_setup
 from nanoternary.ops.adaptive_head import (adaptive_ce_backward, adaptive_ce_forward, adaptive_log_probs,
                                            adaptive_nll, adaptive_weight_grads, adaptive_weights, tail_widths)
-from nanoternary.ops.head import log_softmax
 
 
 @pytest.fixture

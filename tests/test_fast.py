@@ -209,7 +209,7 @@ def test_fast_adamw_every_path_equals_the_plain_one_bit_for_bit(path, monkeypatc
     from nanoternary.fast import optim as fast_optim
     if path == "compiled loop":
         pytest.importorskip("numba")
-        assert fast_optim._adamw_loop is not None
+        assert fast_optim._compiled_loop() is not None
     else:
         monkeypatch.setattr(fast_optim, "_adamw_loop", None if path == "numpy pieces" else fast_optim._adamw_loop_py)
     n = 2003 if path == "python loop" else (1 << 20) + 7              # above parallel_ranges' min_size
