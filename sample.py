@@ -101,7 +101,8 @@ def main(argv=None):
         return 1
 
     from nanoternary.checkpoint import CheckpointError
-    from nanoternary.generate import Generator, load_weights
+    from nanoternary.generate import Generator
+    from nanoternary.pack import load_weights
     from nanoternary.tokenizer import EOT, get_encoding
 
     try:

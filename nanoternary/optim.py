@@ -206,10 +206,10 @@ def grad_norm(grads):
 
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place by max_norm / (norm + 1e-6) when the global norm exceeds
-    max_norm (as torch.nn.utils.clip_grad_norm_). Returns the norm before clipping; a non-finite
-    norm is returned as it is and nothing is scaled (train.py stops the run)."""
+    max_norm (as torch.nn.utils.clip_grad_norm_); max_norm 0: no clipping. Returns the norm before
+    clipping; a non-finite norm is returned as it is and nothing is scaled (train.py stops the run)."""
     norm = grad_norm(grads)
-    if math.isfinite(norm) and norm > max_norm:
+    if max_norm and math.isfinite(norm) and norm > max_norm:
         for g in grads.values():
             if g is not None:
                 g *= max_norm / (norm + 1e-6)
@@ -217,11 +217,16 @@ def clip_grad_norm(grads, max_norm):
 
 
 def accumulate(acc, grads, scale=1.0):
-    """acc[k] += scale * grads[k] in place (created on first sight): gradient accumulation over
-    n micro-batches is n calls with scale 1/n, starting from acc = {}. Returns acc."""
+    """acc[k] += scale * grads[k] in place: gradient accumulation over n micro-batches is n calls
+    with scale 1/n, starting from acc = {}. A gradient seen first is taken as it is when scale is 1
+    (one micro-batch: no copy). Returns acc."""
     for k, g in grads.items():
-        if g is not None:
-            acc[k] = acc[k] + scale * g if k in acc else scale * g
+        if g is None:
+            continue
+        if k not in acc:
+            acc[k] = g if scale == 1.0 else scale * g
+        else:
+            acc[k] += scale * g
     return acc
 
 

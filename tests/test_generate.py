@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from nanoternary.checkpoint import CheckpointError, save_checkpoint
-from nanoternary.generate import (Generator, bench, export_packed, load_packed, load_weights, main, save_packed,
-                                  weights_from_model)
+from nanoternary.generate import Generator, bench, main
+from nanoternary.pack import export_packed, load_packed, load_weights, save_packed, weights_from_model
 from nanoternary.model import TERNARY, Model, ModelConfig, quantize
 from nanoternary.ops.ternary import addsub_plan, ternary_linear_forward
 
@@ -76,7 +76,7 @@ def test_incremental_equals_full_forward_logits_and_scale():
     """Raw logits (not only log-probs) and BitNet's per-tensor scale s != 1."""
     m = small_model(ternary_scale=True, n_recursions=3, dilations=(2, 5))
     ids = np.random.default_rng(2).integers(0, 97, m.cfg.receptive_field + 15)
-    h, _ = m.body_forward(ids[None])
+    h = m.hidden(ids[None])
     want = h @ m.params["embed.w"].T
     for kernel in ("addsub", "blas"):
         gen = Generator(m, kernel=kernel)
