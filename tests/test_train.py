@@ -309,3 +309,33 @@ def test_log_is_json_without_clipping(corpus):
     with open(os.path.join("j", "log.jsonl")) as f:
         recs = [json.loads(line) for line in f]          # plain json: a bare NaN would fail here
     assert all(r["grad_norm"] > 0 for r in recs)        # the norm, even when nothing is clipped
+
+
+@pytest.mark.parametrize("head,extra", [("full", ["--loss-frac", "0.5", "--label-smoothing", "0.1"]),
+                                        ("hier", ["--hier-classes", "9", "--ema", "0.9", "--grad-accum", "2"])])
+def test_plain_run_takes_the_same_steps_as_the_fast_one(corpus, monkeypatch, head, extra):
+    """--plain (Model.loss_and_grads and optim.py, one thread: the code of the reading path) and the
+    default (nanoternary/fast/ on 2 threads) take the same steps: the same losses (compared unrounded;
+    the log keeps 5 decimals) and the same weights after 5 float64 steps."""
+    losses, real_step = [], train.train_step
+
+    def recorded(*args):
+        out = real_step(*args)
+        losses[-1].append(out[0])
+        return out
+    monkeypatch.setattr(train, "train_step", recorded)
+    common = ["--data", corpus, "--max-steps", "5", "--eval-interval", "5", "--dtype", "float64",
+              "--head", head] + TINY + extra
+    for out in ("fast", "plain"):
+        losses.append([])
+        assert train.main(common + ["--out", out] + (["--plain"] if out == "plain" else [])) == 0
+    fast, plain = losses
+    assert len(fast) == len(plain) == 5 and fast[0] != fast[-1]
+    np.testing.assert_allclose(fast, plain, rtol=1e-9, atol=0)
+    assert [r["train_loss"] for r in read_log("fast")] == [r["train_loss"] for r in read_log("plain")]
+    assert read_log("fast")[-1]["val_loss"] == pytest.approx(read_log("plain")[-1]["val_loss"], rel=1e-9)
+    wf, wp = load_checkpoint("fast")[0], load_checkpoint("plain")[0]
+    init = Model(Model.load("fast").cfg, seed=0, dtype=np.float64).params
+    for k in wf:
+        assert np.abs(wf[k] - wp[k]).max() <= 1e-9 * np.abs(wp[k]).max(), k
+    assert not np.allclose(wf["block.glu.up.w"], init["block.glu.up.w"])       # they did move
