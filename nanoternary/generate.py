@@ -432,7 +432,7 @@ def main(argv=None):
         out = args.out or os.path.join(os.path.dirname(src) or ".", "model-packed.npz")
         rep = export_packed(src, out, args.scheme, args.embed_fp16, args.ema)
         w = load_packed(out)                       # read it back: the check a user would do next
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     rep["reloaded"] = bool(w.kind == "packed")

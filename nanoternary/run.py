@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -38,9 +39,9 @@ import traceback
 
 import numpy as np
 
-from . import config, runlog
-from .checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_optimizers, model_from_state,
-                         optimizers_state, save_checkpoint)
+from . import config, report, runlog
+from .checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_model, load_optimizers,
+                         model_from_state, optimizers_state, save_checkpoint)
 from .data import DataError, prepare
 from .fast import dist, profile
 from .fast.threads import available_cores, default_workers, set_threads
@@ -64,7 +65,7 @@ def fmt_time(seconds):
 class Run:
     """The state of a run and its side effects (module docstring). `comm` is the job's processes."""
 
-    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False):
+    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False, command="python train.py"):
         self.cfg, self.model_cfg, self.comm, self.show_profile = cfg, model_cfg, comm, show_profile
         set_threads(1 if cfg.plain else cfg.threads)
         self.data = dist.rank0_first(comm, lambda: prepare(cfg.data, max_tokens=cfg.data_tokens, seed=cfg.data_seed,
@@ -78,6 +79,8 @@ class Run:
         self.val_bytes_per_token = self.data.meta["val_bytes"] / max(1, self.data.meta["val_tokens"])
         self.step, self.tokens, self.elapsed_before, self.best_val, self.clock = 0, 0, 0.0, math.inf, 0.0
         self.last_val, self.last_loss, self.pending, self.times = None, None, None, []
+        self.sessions, self.session = [], {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.shares, self.profiler, self.ended = None, contextlib.ExitStack(), None
         self.rng = np.random.default_rng(cfg.seed)            # batches
         self.last = self.stopped = False
         self.signal, self.old_handlers, self.stack = None, {}, contextlib.ExitStack()
@@ -108,6 +111,7 @@ class Run:
             self.best_val = math.inf if meta.get("best_val") is None else meta["best_val"]
             self.rng.bit_generator.state = meta["rng"]
             model.rng.bit_generator.state = meta["model_rng"]
+            self.sessions = list(meta.get("sessions", []))
             self.saved_state = None
             if self.log_path:
                 runlog.trim(self.log_path, self.step)
@@ -115,8 +119,10 @@ class Run:
                   f"{fmt_time(self.elapsed_before)})")
         print(f"data: {self.data.meta['source']} | train {len(self.data.train):,} tokens | "
               f"val {len(self.data.val):,} tokens | {self.data.path}")
+        self.session.update(start_step=self.step, start_tokens=self.tokens, train_seconds=0.0)
         print(f"model: {model.param_counts()['total']:,} parameters | head {model.cfg.head} | "
-              f"embedding {embed_source} (frozen for {cfg.freeze_embed_steps} steps) | "
+              + (f"weights of {cfg.init_from} | " if embed_source == "checkpoint" else
+                 f"embedding {embed_source} (frozen for {cfg.freeze_embed_steps} steps) | ")
               + (f"{comm.size} processes x " if comm.size > 1 else "")
               + (f"{default_workers()} thread(s)" if not cfg.plain else "plain code, 1 thread"))
         if comm.size > 1:
@@ -129,8 +135,7 @@ class Run:
             self.stack.enter_context(profile.paused())
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.t0 = time.time()
-        self.sync()
-        self.last = self.limit_reached()           # a resumed run may have nothing left to do
+        self.sync()                                # a resumed run may have nothing left to do
         self.p0 = self.progress()                  # for the ETA
 
     def on_signal(self, signum, frame):
@@ -142,9 +147,12 @@ class Run:
 
     def sync(self):
         """Rank 0's clock and Ctrl-C, on every rank (their clocks differ, and the learning rate, the
-        stop and the last step must be the same everywhere)."""
+        stop and the last step must be the same everywhere); whether this step is the last."""
         self.clock, self.signal = self.comm.bcast((time.time() - self.t0, self.signal))
         self.stopped = self.signal is not None
+        self.last = self.limit_reached()           # decided once: the last step evaluates and saves
+        if self.last or self.stopped:              # how this session ends, for its checkpoints and report
+            self.ended = f"stopped by {self.signal}" if self.stopped else f"finished ({self.limit_name()})"
 
     # -------------------------------------------------------------------- where the run stands
 
@@ -171,8 +179,21 @@ class Run:
 
     @contextlib.contextmanager
     def profiled(self):
-        with profile.recording() if self.show_profile else contextlib.nullcontext():
+        """Around a training step: with --profile every step is timed by part; otherwise the 3rd to
+        the 5th step of each session are, for the report (a few steps, so the run is not slowed)."""
+        n = self.step - self.session["start_step"]                # steps of this session before this one
+        if not (self.show_profile or 2 <= n <= 4):
             yield
+            return
+        if n == 2 and not self.show_profile:
+            self.profiler.enter_context(profile.attached())      # wraps the model's functions (resets)
+            self.profiler.enter_context(profile.paused())
+        with profile.recording():
+            yield
+        if not self.show_profile:
+            self.shares = profile.shares()
+            if n == 4:
+                self.profiler.close()                            # the model's own functions again
 
     # -------------------------------------------------------------------- after each step
 
@@ -182,8 +203,8 @@ class Run:
         self.flush()
         self.step, self.tokens, self.last_loss = self.step + 1, self.tokens + tokens, loss
         self.times.append((seconds, tokens))
+        self.session["train_seconds"] += seconds
         self.sync()
-        self.last = self.limit_reached()           # decided once: the last step evaluates and saves
         if self.step % self.cfg.log_interval == 0 or self.step == 1 or self.last or self.stopped:
             step_s, step_tokens = map(sum, zip(*self.times))
             ms, tps = 1000 * step_s / len(self.times), step_tokens / max(step_s, 1e-9)
@@ -231,7 +252,7 @@ class Run:
             "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg),
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
             "best_val": None if math.isinf(self.best_val) else self.best_val, "val_loss": val_loss,
-            "embed_source": self.embed_source,
+            "embed_source": self.embed_source, "sessions": self.sessions + [self.session_now()],
             "rng": self.rng.bit_generator.state, "model_rng": self.model.rng.bit_generator.state,
             "data": {"key": self.data.meta["key"], "path": self.data.path,
                      "source": self.data.meta["source"], "train_tokens": self.data.meta["train_tokens"]},
@@ -255,15 +276,21 @@ class Run:
 
     # -------------------------------------------------------------------- the end
 
+    def session_now(self, ended=None):
+        return {**self.session, "end_step": self.step, "end_tokens": self.tokens,
+                "ended": ended or self.ended or "running (or killed)", "train_seconds": round(self.session.get("train_seconds", 0), 2)}
+
     def close(self):
         for s, h in self.old_handlers.items():
             signal.signal(s, h)
         self.old_handlers = {}
+        if self.show_profile:
+            self.shares = profile.shares()
+        self.profiler.close()
         self.stack.close()
 
     def finish(self):
-        """After train(): the checkpoint of a stopped run, the closing line, the exit status."""
-        shares = profile.shares() if self.show_profile else None
+        """After train(): the checkpoint of a stopped run, the closing line, report.md, the exit status."""
         self.close()
         self.flush()
         if self.stopped and not self.last:
@@ -272,14 +299,86 @@ class Run:
         out = self.cfg.out
         saved = [f"{out}/{f}" for f in (LATEST, BEST) if os.path.exists(os.path.join(out, f))]
         status = f"stopped by {self.signal}" if self.stopped else "finished"
+        card = self.write_report(self.ended or status)
         print(f"{status}: {self.step:,} steps, {self.tokens:,} tokens in {fmt_time(self.elapsed())}"
               + (f" | best val loss {self.best_val:.4f}" if math.isfinite(self.best_val) else "")
-              + f" | checkpoints {', '.join(saved)}" + (f" | curves {png}" if png else ""))
-        if shares:
+              + f" | checkpoints {', '.join(saved)}" + (f" | curves {png}" if png else "")
+              + (f" | report {card}" if card else ""))
+        if self.show_profile and self.shares:
             print("where the time went (share of the training steps' CPU time):")
-            for k, v in shares.items():
+            for k, v in self.shares.items():
                 print(f"  {k:<18} {100 * v:5.1f}%")
         return {"SIGINT": 130, "SIGTERM": 143}.get(self.signal, 0)      # the shell's 128 + signal number
+
+    def diverged(self, e):
+        """A Diverged stop: one line, report.md, exit status 1. Nothing is saved over the last checkpoint."""
+        self.close()
+        self.flush()
+        last = os.path.join(self.cfg.out, LATEST)
+        kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved"
+        self.write_report(f"diverged ({e})", sample_from=last if os.path.exists(last) else None)
+        if self.comm.rank == 0:
+            print(f"error: {e}; stopping ({kept})", file=sys.stderr)
+        return 1
+
+    def limit_name(self):
+        c = self.cfg
+        if c.time_budget and self.elapsed() >= 60.0 * c.time_budget:
+            return f"a time budget of {c.time_budget:g} min"
+        if c.max_tokens and self.tokens >= c.max_tokens:
+            return f"{c.max_tokens:,} tokens"
+        return f"{c.max_steps:,} steps" if c.max_steps else "nothing left to do"
+
+    def write_report(self, ended, sample_from=None):
+        """OUT/report.md (report.py) on rank 0, for a run that trained at least one step; -> its path."""
+        if self.comm.rank != 0 or not hasattr(self, "model") or (self.step == 0 and not self.sessions):
+            return None
+        try:
+            return report.write(self.report_info(ended, sample_from))
+        except OSError as e:
+            print(f"note: could not write {self.cfg.out}/report.md ({e.strerror or e})", file=sys.stderr)
+            return None
+
+    def report_info(self, ended, sample_from=None):
+        """What report.render needs, from the run's settings, log and state."""
+        cfg, mcfg = self.cfg, self.model.cfg
+        changed, resolved = [], []
+        for c in (cfg, mcfg):
+            for f in dataclasses.fields(c):
+                value, default = getattr(c, f.name), f.default
+                if f.name == "out" or value == default:
+                    continue
+                if default is None and f.name in ("loss_frac", "freeze_embed_steps", "max_steps"):
+                    resolved.append((config.flag(f.name), value))
+                else:
+                    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else " ".join(v) \
+                        if isinstance(v, list) else "-" if v is None else v
+                    changed.append((f"`{config.flag(f.name)}`", show(value), show(default)))
+        return {
+            "out": cfg.out, "status": ended, "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
+            "sessions": self.sessions + [self.session_now(ended)], "changed": changed, "resolved": resolved,
+            "params": self.model.param_counts()["total"], "head": mcfg.head, "ternary": mcfg.ternary,
+            "embed_source": self.embed_source, "data": {**self.data.meta, "path": self.data.path},
+            "processes": self.comm.size, "threads": "1 thread (--plain)" if cfg.plain else f"{default_workers()} thread(s)",
+            "shares": self.shares, "shares_note": "every step, --profile" if self.show_profile else
+            "steps 3-5 of the last session, timed by part; CPU time summed over threads",
+            "records": runlog.read(self.log_path) if os.path.exists(self.log_path) else [],
+            "sample": self.sample(sample_from), "checkpoints": [f for f in (LATEST, BEST)
+                                                                if os.path.exists(os.path.join(cfg.out, f))],
+        }
+
+    def sample(self, path=None, prompt="The", n=48, seed=0):
+        """A short continuation from the final weights (or the checkpoint at `path`), for the report."""
+        from .generate import Generator
+        from .tokenizer import get_encoding
+        model = load_model(path) if path else self.model
+        if not all(np.isfinite(v).all() for v in model.params.values()):
+            return None
+        enc = get_encoding()
+        ids = list(Generator(model, kernel="blas").generate(enc.encode(prompt), n, 0.8, 200, None,
+                                                             np.random.default_rng(seed), stop_at_eot=False))
+        return {"weights": path or "the final weights", "prompt": prompt, "tokens": n, "temperature": 0.8,
+                "top_k": 200, "seed": seed, "text": prompt + enc.decode(ids)}
 
 
 def _finite(x, digits):
@@ -345,8 +444,10 @@ def settings(argv, TrainConfig, ModelConfig):
     args = build_parser(TrainConfig, ModelConfig).parse_args(argv)
     given = config.given_flags(build_parser(TrainConfig, ModelConfig), argv) - {"resume", "profile", "overwrite"}
     if not args.resume:
-        return (config.from_args(TrainConfig, args), config.from_args(ModelConfig, args), None,
-                args.profile, args.overwrite)
+        model_cfg = config.from_args(ModelConfig, args)
+        if args.init_from:                    # the architecture is the checkpoint's
+            model_cfg = init_config(args, given, ModelConfig)
+        return config.from_args(TrainConfig, args), model_cfg, None, args.profile, args.overwrite
     path = os.path.join(args.out, LATEST) if args.resume is True else args.resume
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume: no checkpoint {path} to resume from; start the run without --resume")
@@ -364,6 +465,19 @@ def settings(argv, TrainConfig, ModelConfig):
     train_cfg = TrainConfig(**{**saved_train, **{k: getattr(args, k) for k in CHANGEABLE if k in given},
                                "out": args.out})
     return train_cfg, ModelConfig.from_dict(meta["config"]), path, args.profile, False
+
+
+def init_config(args, given, ModelConfig):
+    """--init-from: the checkpoint's ModelConfig; a model flag given with another value is refused."""
+    if not os.path.isfile(args.init_from):
+        raise CheckpointError(f"--init-from: no checkpoint {args.init_from}: give a checkpoint file "
+                              f"(e.g. runs/x/latest.npz or best.npz)")
+    saved = ModelConfig.from_dict(load_checkpoint(args.init_from)[1]["config"])
+    for k in sorted(given & {f.name for f in dataclasses.fields(ModelConfig)}):
+        if getattr(args, k) != getattr(saved, k):
+            raise CheckpointError(f"--init-from {args.init_from} has {config.flag(k)} {getattr(saved, k)}, not "
+                                  f"{getattr(args, k)}: the architecture comes from the checkpoint (drop {config.flag(k)})")
+    return saved
 
 
 def main(argv, TrainConfig, ModelConfig, train):
@@ -389,15 +503,13 @@ def main(argv, TrainConfig, ModelConfig, train):
     try:
         with run_folder(cfg.out, resume is not None, overwrite) if comm.rank == 0 else contextlib.nullcontext():
             comm.barrier()                    # rank 0 holds --out (locked: one run per --out)
-            r = Run(cfg, model_cfg, comm, resume, show_profile)
+            command = " ".join(["python train.py"] + [shlex.quote(a) for a in
+                                                      (sys.argv[1:] if argv is None else argv)])
+            r = Run(cfg, model_cfg, comm, resume, show_profile, command)
             try:
                 train(r)
             except Diverged as e:
-                last = os.path.join(cfg.out, LATEST)
-                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved"
-                if comm.rank == 0:
-                    print(f"error: {e}; stopping ({kept})", file=sys.stderr)
-                return 1
+                return r.diverged(e)
             finally:
                 r.close()
             return r.finish()
