@@ -8,21 +8,22 @@ Inside the file (np.savez, no pickle):
                     state, training arguments, data fingerprint, validation loss
 
 A run folder holds `latest.npz` (every save) and `best.npz` (best validation loss so far).
-`Model.load(path)` (model.py) takes either file or the folder (then `latest.npz`).
+`load_model(path)`, which is also `Model.load(path)`, takes either file or the folder (then `latest.npz`).
 
 Writes go to a temporary file first, are flushed to disk, then renamed over the old file (fileio.py):
 a crash or a full disk in the middle leaves the previous checkpoint as it was. On load, the zip's CRC checks
 catch a truncated or corrupted file, and the config is checked against the arrays, so a damaged
 or foreign file gives a CheckpointError that says what is wrong instead of a model with garbage.
 """
-import contextlib
 import json
 import os
 import zipfile
 
 import numpy as np
 
-from .fileio import FolderBusy, atomic_open, folder_lock, remove_stale_temps
+from .classmap import ClassMap
+from .fileio import atomic_open
+from .model import Model, ModelConfig, n_hier_classes, param_shapes
 
 FORMAT = "nanoternary-checkpoint-1"
 LATEST, BEST = "latest.npz", "best.npz"
@@ -43,37 +44,6 @@ def save_checkpoint(path, params, meta, opt_state=None, class_map=None):
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_open(path) as f:                    # a full disk, Ctrl-C: the old file stays as it was
         np.savez(f, **arrays)
-
-
-RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png")
-
-
-@contextlib.contextmanager
-def run_folder(out, resuming=False, overwrite=False):
-    """The run folder `out`, held for the block: made if needed, locked so that a second run on it
-    refuses (fileio.folder_lock), the temporary files of a killed run removed. A new run refuses a
-    folder that holds another run's files, unless `overwrite` (then they are removed first)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"--out {out} is a file, not a folder: choose another --out")
-    with contextlib.ExitStack() as stack:
-        try:
-            os.makedirs(out, exist_ok=True)
-            stack.enter_context(folder_lock(out, "a training run"))
-        except FolderBusy as e:
-            raise CheckpointError(f"--out {e}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot write to --out {out} ({e.strerror or e}): choose a folder "
-                                  f"you can write to") from None
-        for path in remove_stale_temps(out):
-            print(f"removed {path}: a checkpoint that a killed run did not finish writing")
-        old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-        if old and not resuming:
-            if not overwrite:
-                raise CheckpointError(f"{out}/ already holds a run ({', '.join(old)}): continue it with "
-                                      f"--resume, start over with --overwrite, or choose another --out")
-            for f in old:
-                os.remove(os.path.join(out, f))
-        yield out
 
 
 def resolve(path):
@@ -152,6 +122,51 @@ def check_params(params, shapes, where):
                                   f"needs {tuple(shape)}")
         if not np.isfinite(params[k]).all():
             raise CheckpointError(f"{where}: {k} contains NaN or infinite values")
+
+
+def load_model(path, dtype=None):
+    """A model from a checkpoint written by train.py (the file, or its run folder), with the saved
+    dtype unless `dtype` is given; its JSON metadata in `model.meta`. Also `Model.load(path)`."""
+    path = resolve(path)
+    params, meta, _, cmap_state = load_checkpoint(path)
+    return model_from_state(params, meta, cmap_state, path, dtype)
+
+
+def model_from_state(params, meta, cmap_state, where, dtype=None):
+    """A Model from what a checkpoint holds (load_checkpoint's params, meta and class map), checked;
+    `where` names the checkpoint in errors."""
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: its model config is missing or invalid ({e})") from None
+    check_params(params, param_shapes(cfg), where)
+    class_map = class_map_from_state(cmap_state, cfg, where) if cfg.head == "hier" else None
+    model = Model(cfg, seed=0, dtype=dtype or next(iter(params.values())).dtype, class_map=class_map)
+    for k, v in params.items():
+        model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
+    model.meta = meta
+    return model
+
+
+def class_map_from_state(state, cfg, where):
+    """The hier head's class map saved in a checkpoint (`state`), checked against the model's config."""
+    V, n = cfg.vocab_size, n_hier_classes(cfg)
+    tc = state.get("token_class")
+    if tc is None:
+        raise CheckpointError(f"{where}: a hier-head checkpoint without its class map (cmap/token_class)")
+    if tc.shape != (V,) or not np.issubdtype(tc.dtype, np.integer) or tc.min() < 0 or tc.max() >= n:
+        raise CheckpointError(f"{where}: its class map does not fit the model ({tc.shape} {tc.dtype}, classes "
+                              f"{tc.min()}..{tc.max()}; the model has {V} tokens and {n} classes)")
+    try:
+        return ClassMap.from_state(state)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: its class map is invalid ({e})") from None
+
+
+# Model.load(path), the name people reach for, is load_model: model.py knows the architecture and no
+# file format, so it imports nothing of this file, and the method is attached here (nanoternary's
+# __init__.py imports this module, so Model.load works whatever was imported first).
+Model.load = staticmethod(load_model)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ the order of floating-point sums.
 
     comm = world()              # Single() without mpiexec: nothing imported, nothing changes
     comm.rank, comm.size
-    bucket = GradBuffer(grads)  # one contiguous buffer for all gradients (and a few scalars)
-    bucket.allreduce(grads)     # copy in, one Allreduce in place, the gradients now views of the sum
+    loss, grads = comm.sum_grads(loss, grads)   # the sums over the ranks: one Allreduce (fast/step.py)
     comm.bcast(value)           # rank 0's value on every rank (the run's control: clock, Ctrl-C)
     comm.fail(message)          # a failing rank stops the whole job instead of leaving it hanging
 
@@ -25,6 +24,9 @@ import socket
 import sys
 
 import numpy as np
+
+from .profile import section
+
 
 def launched_size():
     """How many processes mpiexec started, from its environment (1 when it did not start this one;
@@ -45,6 +47,9 @@ class Single:
     def allreduce_(self, buf):
         return buf
 
+    def sum_grads(self, loss, grads):
+        return loss, grads
+
     def barrier(self):
         pass
 
@@ -61,6 +66,7 @@ class MPIWorld:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()   # ranks on this machine
         self.hosts = self.comm.allgather((socket.gethostname(), os.getpid()))
+        self._grads = None
 
     def bcast(self, value):
         return self.comm.bcast(value, root=0)
@@ -69,6 +75,15 @@ class MPIWorld:
         """buf (contiguous float array) := its sum over all ranks, in place."""
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
+
+    def sum_grads(self, loss, grads):
+        """(the loss, the gradients) summed over the ranks: one Allreduce of one buffer (GradBuffer,
+        kept from step to step); the gradients come back as views of the buffer."""
+        if self._grads is None or not self._grads.fits(grads):
+            self._grads = GradBuffer(grads)
+        with section("allreduce"):
+            grads, (loss,) = self._grads.allreduce(self, grads, [loss])
+        return float(loss), grads
 
     def barrier(self):
         self.comm.Barrier()
