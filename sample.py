@@ -37,7 +37,8 @@ class SampleConfig:
     ema: bool = setting(False, "use the checkpoint's EMA-averaged weights (train.py --ema), as its "
                         "evaluation does (default: the trained weights)")
     head: str = setting(None, "the output head to expect; it comes from the checkpoint, which was trained "
-                        "with train.py --head (default: whatever the checkpoint has)", choices=("full", "hier"))
+                        "with train.py --head (default: whatever the checkpoint has)",
+                        choices=("full", "hier", "adaptive"))
     prompt: str = setting("", "text to continue (default: empty, which starts from <|endoftext|>)",
                           group="prompt and length")
     max_new_tokens: int = setting(200, "tokens to generate per sample", range="[0, inf)")

@@ -28,13 +28,12 @@ import numpy as np
 
 from nanoternary import config, run
 from nanoternary.checkpoint import load_model
-from nanoternary.classmap import ClassMap
 from nanoternary.config import setting
 from nanoternary.data import get_batch, val_windows
 from nanoternary.fast import step as fast
 from nanoternary.fast.optim import FastAdamW, FastEMA, FastNorMuon
 from nanoternary.gpt2_embed import load_gpt2_embedding
-from nanoternary.model import Model, ModelConfig, n_hier_classes
+from nanoternary.model import Model, ModelConfig, head_map
 from nanoternary.optim import EMA, AdamW, NorMuon, accumulate, clip_grad_norm, cosine, split_params, wsd
 
 
@@ -66,7 +65,7 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "training loss only [0.1]", range="[0, 1)")
     z_loss: float = setting(1e-4, "training loss only [1e-4]", range="[0, inf)")
     loss_frac: float = setting(None, "fraction of positions in the loss (default: 0.25 [0.25] with the full "
-                               "head, 1 with the hier head)", range="(0, 1]")
+                               "head, 1 with the hier and adaptive heads)", range="(0, 1]")
     ema: float = setting(0.0, "EMA decay of the weights evaluated, 0: off [0.999]", range="[0, 1)")
     embed_init: str = setting("gpt2", "GPT-2's embedding, SVD-projected [gpt2], or random", choices=("gpt2", "random"))
     freeze_embed_steps: int = setting(None, "steps with a frozen embedding (default: 1000 [1000] with GPT-2's, "
@@ -110,18 +109,15 @@ def resolve_defaults(cfg, head, embed_source):
 
 
 def build_model(cfg, model_cfg, data):
-    """A new model: the hier head's classes from the training tokens' counts, the embedding from
+    """A new model: the cheap heads' token groups from the training tokens' counts, the embedding from
     GPT-2's when it can be had; or with --init-from a trained model's weights (its architecture:
     run.py refused model flags that disagree). -> (model, "gpt2", "random" or "checkpoint")."""
     if cfg.init_from:
         model = load_model(cfg.init_from, cfg.dtype)
         model.rng = np.random.default_rng(cfg.seed)           # this run's counted positions
         return model, "checkpoint"
-    class_map = None
-    if model_cfg.head == "hier":
-        counts = np.bincount(np.asarray(data.train), minlength=model_cfg.vocab_size)
-        class_map = ClassMap.from_counts(counts, n_hier_classes(model_cfg))
-    model = Model(model_cfg, seed=cfg.seed, dtype=cfg.dtype, class_map=class_map)
+    counts = np.bincount(np.asarray(data.train), minlength=model_cfg.vocab_size)    # for head_map
+    model = Model(model_cfg, seed=cfg.seed, dtype=cfg.dtype, class_map=head_map(model_cfg, counts))
     E = load_gpt2_embedding(model_cfg.d_model) if cfg.embed_init == "gpt2" else None
     if E is not None:
         model.params["embed.w"][...] = E

@@ -3,7 +3,7 @@
 Inside the file (np.savez, no pickle):
     param/<name>    the model's latent float weights, one array per parameter
     opt/<key>       optimizer and EMA state (optimizer_state below: "adamw/m/<name>", ...)
-    cmap/<key>      the hierarchical head's class map, when the model has one
+    cmap/<key>      the hier head's class map or the adaptive head's cluster map (classmap.py)
     meta            a JSON document: format version, model config, step, tokens seen, random
                     state, training arguments, data fingerprint, validation loss
 
@@ -21,9 +21,9 @@ import zipfile
 
 import numpy as np
 
-from .classmap import ClassMap
+from .classmap import ClassMap, ClusterMap
 from .fileio import atomic_open
-from .model import Model, ModelConfig, n_hier_classes, param_shapes
+from .model import Model, ModelConfig, adaptive_cutoffs, n_hier_classes, param_shapes
 
 FORMAT = "nanoternary-checkpoint-1"
 LATEST, BEST = "latest.npz", "best.npz"
@@ -140,7 +140,7 @@ def model_from_state(params, meta, cmap_state, where, dtype=None):
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: its model config is missing or invalid ({e})") from None
     check_params(params, param_shapes(cfg), where)
-    class_map = class_map_from_state(cmap_state, cfg, where) if cfg.head == "hier" else None
+    class_map = class_map_from_state(cmap_state, cfg, where) if cfg.head != "full" else None
     model = Model(cfg, seed=0, dtype=dtype or next(iter(params.values())).dtype, class_map=class_map)
     for k, v in params.items():
         model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
@@ -149,7 +149,10 @@ def model_from_state(params, meta, cmap_state, where, dtype=None):
 
 
 def class_map_from_state(state, cfg, where):
-    """The hier head's class map saved in a checkpoint (`state`), checked against the model's config."""
+    """The hier head's class map (or the adaptive head's cluster map) saved in a checkpoint (`state`),
+    checked against the model's config."""
+    if cfg.head == "adaptive":
+        return cluster_map_from_state(state, cfg, where)
     V, n = cfg.vocab_size, n_hier_classes(cfg)
     tc = state.get("token_class")
     if tc is None:
@@ -161,6 +164,21 @@ def class_map_from_state(state, cfg, where):
         return ClassMap.from_state(state)
     except ValueError as e:
         raise CheckpointError(f"{where}: its class map is invalid ({e})") from None
+
+
+def cluster_map_from_state(state, cfg, where):
+    """The adaptive head's cluster map saved in a checkpoint, checked against the model's config."""
+    if "order" not in state and "cutoffs" not in state:
+        raise CheckpointError(f"{where}: an adaptive-head checkpoint without its cluster map (cmap/order, cmap/cutoffs)")
+    try:
+        cmap = ClusterMap.from_state(state)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: its cluster map is invalid ({e})") from None
+    want = adaptive_cutoffs(cfg)
+    if cmap.vocab_size != cfg.vocab_size or tuple(cmap.cutoffs) != tuple(want):
+        raise CheckpointError(f"{where}: its cluster map does not fit the model ({cmap.vocab_size} tokens, cutoffs "
+                              f"{cmap.cutoffs.tolist()}; the model has {cfg.vocab_size} tokens and cutoffs {list(want)})")
+    return cmap
 
 
 # Model.load(path), the name people reach for, is load_model: model.py knows the architecture and no

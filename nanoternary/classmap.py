@@ -247,3 +247,14 @@ def default_cutoffs(vocab_size):
     c = [max(1, round(V * f / DEFAULT_CUTOFFS[-1])) for f in DEFAULT_CUTOFFS[:-1]]
     cuts = sorted(set(min(x, V - 1) for x in c))
     return tuple(cuts) + (V,)
+
+
+def check_cutoffs(cutoffs, vocab_size, d_model, div):
+    """A ValueError naming the flags when the adaptive head's settings cannot make a cluster map."""
+    c = list(cutoffs)
+    if len(c) < 2 or c[0] < 1 or any(b <= a for a, b in zip(c, c[1:])) or c[-1] != vocab_size:
+        raise ValueError(f"--adaptive-cutoffs must be at least two ranks rising strictly from >= 1 to the "
+                         f"vocabulary size {vocab_size} (a shortlist and one tail or more), got {','.join(map(str, c))}")
+    if d_model // div ** (len(c) - 1) < 1:
+        raise ValueError(f"--adaptive-div {div}: the last of {len(c) - 1} tail clusters would be "
+                         f"{d_model} // {div}^{len(c) - 1} = 0 wide; use a smaller --adaptive-div or fewer cutoffs")

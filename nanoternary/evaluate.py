@@ -27,7 +27,8 @@ import numpy as np
 from .checkpoint import CheckpointError, resolve
 from .data import DataError, prepare, val_windows
 from .fast.head import nll_fused
-from .model import body_forward
+from .model import body_forward, head_weights
+from .ops.adaptive_head import adaptive_nll
 from .ops.embedding import embedding_forward
 from .ops.hier_head import hier_nll
 from .pack import load_weights
@@ -41,8 +42,9 @@ def nll(weights, idx, targets):
     y = targets.reshape(-1)
     if cfg.head == "full":
         out = nll_fused(h, p["embed.w"], y)
-    else:
-        out = hier_nll(h, p["embed.w"], p["head.class_w"], weights.class_map, y)
+    else:                       # the cheap heads' plain nll (no (N, V) logits to avoid)
+        nll_of = hier_nll if cfg.head == "hier" else adaptive_nll
+        out = nll_of(h, *head_weights(p, cfg, weights.class_map), y)
     return out.reshape(targets.shape)
 
 

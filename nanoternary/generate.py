@@ -68,9 +68,13 @@ Full head: logits = h @ E^T for the last position only: a (V, C) x (C,) GEMV, 50
 = 51 MB read per token; memory-bound, the floor of the per-token cost (`bench` measures it alone).
 Hier head: a class c ~ P(class | h) from the n_classes logits h @ W_c^T, then a token ~
 P(token | c, h) from the |S_c| logits h @ E[S_c]^T, nothing else. The embedding rows are kept
-class by class (E[order]), so a class's tokens are a contiguous slice. Temperature, top-k and top-p
-apply to each of the two draws (exact for temperature 1 without filters; otherwise the natural
-two-level analogue of the full-vocabulary filter, as the full one would need all V logits).
+class by class (E[order]), so a class's tokens are a contiguous slice. Adaptive head: a draw from
+the head softmax over the S shortlist tokens and the J cluster logits, h @ W_head^T; a shortlist
+token is the answer, a cluster c means a second draw among its tokens, from z = P_c @ h and the
+logits W_c @ z (ops/adaptive_head.py; W_head and the W_c laid out once, contiguous). Temperature,
+top-k and top-p apply to each of the two draws of either head (exact for temperature 1 without
+filters; otherwise the natural two-level analogue of the full-vocabulary filter, as the full one
+would need all V logits).
 
 Packed checkpoints (2 bits per ternary weight) are written and read by pack.py.
 """
@@ -84,7 +88,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import CheckpointError, resolve
-from .model import Model, ModelConfig, body_forward
+from .model import Model, ModelConfig, body_forward, head_weights
+from .ops.adaptive_head import adaptive_log_probs
 from .ops.conv import conv1d_forward, split_weight
 from .ops.hier_head import hier_log_probs
 from .ops.ternary import addsub_plan
@@ -224,11 +229,14 @@ class Generator:
             self._logits = np.empty(cfg.vocab_size, dtype=dt)      # preallocated: 200 KB, reused
         else:
             cm = w.class_map
-            self.E = np.ascontiguousarray(p["embed.w"][cm.order])  # rows class by class
+            self.E = np.ascontiguousarray(p["embed.w"][cm.order])  # rows class by class (or by rank)
             self.row_of = np.empty(cfg.vocab_size, dtype=np.intp)  # token -> its row in self.E
             self.row_of[cm.order] = np.arange(cfg.vocab_size)
-            self.Wc = p["head.class_w"]
             self.class_map = cm
+            if cfg.head == "hier":
+                self.Wc = p["head.class_w"]
+            else:                                                  # tied to E as in training
+                self.W_head, self.tails, _ = head_weights(p, cfg, cm)
         del p["embed.w"]                                           # self.E holds it
         self.pos = 0
         self.stats = GenStats()
@@ -270,7 +278,7 @@ class Generator:
     def logits(self, h):
         # h (C,) -> (V,) logits = E @ h (full head). A buffer reused by the next call.
         if self.cfg.head != "full":
-            raise ValueError("logits() is for the full head; the hier head has log_probs()")
+            raise ValueError(f"logits() is for the full head; the {self.cfg.head} head has log_probs()")
         return np.dot(self.E, h, out=self._logits)
 
     def log_probs(self, h):
@@ -280,6 +288,8 @@ class Generator:
             m = l.max()
             return l - (m + np.log(np.exp(l - m).sum()))
         cm = self.class_map
+        if self.cfg.head == "adaptive":
+            return adaptive_log_probs(h[None], self.W_head, self.tails, cm)[0]
         E_by_id = self.E[self.row_of]
         return hier_log_probs(h[None], E_by_id, self.Wc, cm)[0]
 
@@ -288,6 +298,14 @@ class Generator:
         if self.cfg.head == "full":
             return sample_token(self.logits(h), rng, temperature, top_k, top_p)
         cm = self.class_map
+        if self.cfg.head == "adaptive":
+            S = cm.shortlist_size
+            j = sample_token(self.W_head @ h, rng, temperature, top_k, top_p)   # a shortlist token or a cluster
+            if j < S:
+                return int(cm.order[j])
+            P, W = self.tails[j - S]                                          # tail cluster c = j - S + 1
+            k = sample_token(W @ (P @ h), rng, temperature, top_k, top_p)     # token ~ P(. | c, h)
+            return int(cm.order[cm.bounds[j - S + 1] + k])
         c = sample_token(self.Wc @ h, rng, temperature, top_k, top_p)       # class ~ P(c | h)
         lo, hi = cm.offsets[c], cm.offsets[c + 1]
         j = sample_token(self.E[lo:hi] @ h, rng, temperature, top_k, top_p)  # token ~ P(. | c, h)
@@ -346,22 +364,47 @@ def _best_ms(fn, repeat=5, number=50):
     return 1e3 * best
 
 
+def head_gemv_ms(gen, h, tokens):
+    """The head's matrix-vector products for one token, timed alone (no softmax, no draw): 1000 /
+    this is the ceiling the bytes they read set on tokens/s. The second product of the hier and
+    adaptive heads depends on the class or cluster drawn: weighted by where `tokens` fell."""
+    cfg, cm = gen.cfg, getattr(gen, "class_map", None)
+    if cfg.head == "full":
+        buf = np.empty(cfg.vocab_size, dtype=gen.E.dtype)
+        return _best_ms(lambda: np.dot(gen.E, h, out=buf))
+    if cfg.head == "hier":
+        first, groups = _best_ms(lambda: gen.Wc @ h), cm.token_class[tokens]
+        second = lambda c: lambda: gen.E[cm.offsets[c]:cm.offsets[c + 1]] @ h
+    else:                                        # cluster 0, the shortlist, has no second product
+        first, groups = _best_ms(lambda: gen.W_head @ h), cm.token_cluster[tokens]
+        second = lambda c: (lambda: gen.tails[c - 1][1] @ (gen.tails[c - 1][0] @ h)) if c else None
+    counts = np.bincount(groups)
+    rest = sum(n * _best_ms(second(c), 3, 20) for c, n in enumerate(counts) if n and second(c))
+    return first + rest / max(len(tokens), 1)
+
+
 def bench(head="full", tokens=200, prompt_len=64, kernels=KERNELS, temperature=0.8, top_k=200,
-          top_p=None, seed=0, cfg=None):
-    """Generation speed for the reference configuration (or cfg) with random weights -> a dict."""
-    cfg = cfg if cfg is not None else ModelConfig(head=head)
+          top_p=None, seed=0, cfg=None, checkpoint=None):
+    """Generation speed for the reference configuration (or cfg) with random weights, or for a
+    trained checkpoint's weights -> a dict."""
+    if checkpoint:
+        from .checkpoint import load_model
+        model = load_model(checkpoint)
+        cfg = model.cfg
+    else:
+        cfg = cfg if cfg is not None else ModelConfig(head=head)
+        model = Model(cfg, seed=seed)
     head = cfg.head
-    model = Model(cfg, seed=seed)
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, cfg.vocab_size, prompt_len)
-    out = {"config": cfg.to_dict(), "tokens": tokens, "prompt_tokens": prompt_len,
+    out = {"config": cfg.to_dict(), "weights": checkpoint or "random", "tokens": tokens, "prompt_tokens": prompt_len,
            "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p}, "kernels": {}}
     for kernel in kernels:
         gen = Generator(model, kernel=kernel)
         best = None
         for _ in range(3):                                       # best of 3 runs: a shared machine
-            list(gen.generate(prompt, tokens, temperature, top_k, top_p, np.random.default_rng(seed),
-                              stop_at_eot=False))
+            drawn = list(gen.generate(prompt, tokens, temperature, top_k, top_p, np.random.default_rng(seed),
+                                      stop_at_eot=False))
             if best is None or gen.stats.gen_seconds < best.gen_seconds:
                 best = gen.stats
         pr, gr = best.rates()
@@ -372,20 +415,16 @@ def bench(head="full", tokens=200, prompt_len=64, kernels=KERNELS, temperature=0
         r = np.random.default_rng(0)
         sample_ms = _best_ms(lambda: gen.sample(h, r, temperature, top_k, top_p))   # head + draw
         head_ms = _best_ms(lambda: gen.logits(h)) if head == "full" else None
+        out["head_gemv_ms"] = head_gemv_ms(gen, h, np.array(drawn, dtype=np.int64))
         out["kernels"][kernel] = {
             "tokens_per_s": round(gr, 1), "ms_per_token": round(1e3 / gr, 3),
             "prompt_tokens_per_s": round(pr, 1),
             "step_core_ms": round(core_ms, 3),            # embedding lookup + block x n_recursions
             "head_ms": head_ms and round(head_ms, 3),     # full head: the logits GEMV alone
-            "head_and_sampling_ms": round(sample_ms, 3),  # logits (or the two hier levels) + the draw
+            "head_and_sampling_ms": round(sample_ms, 3),  # logits (or the two levels) + the draw(s)
         }
-    if head == "full":
-        E = model.params["embed.w"]
-        hv = np.random.default_rng(1).standard_normal(cfg.d_model).astype(E.dtype)
-        buf = np.empty(cfg.vocab_size, dtype=E.dtype)
-        gemv = _best_ms(lambda: np.dot(E, hv, out=buf))
-        out["head_gemv_ms"] = round(gemv, 3)
-        out["head_gemv_ceiling_tokens_per_s"] = round(1e3 / gemv, 1)
+    out["head_gemv_ms"] = round(out["head_gemv_ms"], 4)         # the head's GEMVs alone (head_gemv_ms)
+    out["head_gemv_ceiling_tokens_per_s"] = round(1e3 / out["head_gemv_ms"], 1)
     return out
 
 
@@ -413,7 +452,9 @@ def main(argv=None):
                     help="pack the checkpoint's EMA weights (train.py --ema) instead of the trained ones")
     ex.add_argument("--json", action="store_true", help="print the report as one JSON object")
     be = sub.add_parser("bench", help="generation tokens/s, reference config, random weights (JSON)")
-    be.add_argument("--head", choices=("full", "hier"), default="full", help="output head (default: full)")
+    be.add_argument("--head", choices=("full", "hier", "adaptive"), default="full", help="output head (default: full)")
+    be.add_argument("--checkpoint", default=None, help="a trained checkpoint's weights (and head) instead of "
+                    "random ones: where its draws fall decides the two-level heads' second GEMV")
     be.add_argument("--tokens", type=int, default=200, help="tokens generated per run (default: 200)")
     be.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
     be.add_argument("--kernel", choices=KERNELS + ("both",), default="both",
@@ -422,7 +463,7 @@ def main(argv=None):
 
     if args.cmd == "bench":
         kernels = KERNELS if args.kernel == "both" else (args.kernel,)
-        print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels), indent=1))
+        print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels, checkpoint=args.checkpoint), indent=1))
         return 0
 
     try:

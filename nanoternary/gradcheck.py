@@ -1,4 +1,4 @@
-"""Gradient checks you can run: every op, both heads and the whole model against float64 central
+"""Gradient checks you can run: every op, every head and the whole model against float64 central
 differences, with the worst relative error of each gradient and OK / NOT OK.
 
     python -m nanoternary.gradcheck            # a table, exit status 1 if anything is NOT OK
@@ -204,12 +204,17 @@ def tiny_model(seed=0, **kw):
 def check_model(rng, head="full", loss_and_grads=None, **options):
     """Every parameter of the whole model. `options`: loss_and_grads' training options.
     `loss_and_grads`: another implementation to check (fast.step's), default the model's own."""
-    m = tiny_model(head=head, hier_classes=5 if head == "hier" else 0)
+    # the adaptive head: a shortlist of 2 tokens, tails of 11 and 10 tokens 4 and 2 wide; the counted
+    # targets of every check below reach all three (ids 0, 12 and 15 among them)
+    m = tiny_model(head=head, hier_classes=5 if head == "hier" else 0, adaptive_div=2,
+                   adaptive_cutoffs=(2, 13, 23) if head == "adaptive" else ())
     idx, tgt = rng.integers(0, TINY["vocab_size"], (2, 7)), rng.integers(0, TINY["vocab_size"], (2, 7))
     lag = loss_and_grads or (lambda m, *a, **k: m.loss_and_grads(*a, **k))
     seed = int(rng.integers(1 << 30))                   # the same counted positions in every call
     f = lambda: lag(m, idx, tgt, rng=np.random.default_rng(seed), **options)[0]
     _, grads = lag(m, idx, tgt, rng=np.random.default_rng(seed), **options)
+    zero = [name for name, g in grads.items() if not g.any()]
+    assert not zero, f"gradients that are all zero check nothing: {zero}"
     return {name: rel_error(grads[name], numerical_grad(f, p))[0] for name, p in m.params.items()}
 
 
@@ -239,12 +244,16 @@ CHECKS = {
     "adaptive head, tied (smoothing, z-loss)": check_adaptive_head_tied,
     "model, full head": check_model,
     "model, hier head": lambda rng: check_model(rng, "hier"),
+    "model, adaptive head": lambda rng: check_model(rng, "adaptive"),
     "model, full head, training options": lambda rng: check_model(rng, **OPTIONS),
     "model, hier head, training options": lambda rng: check_model(rng, "hier", **OPTIONS),
+    "model, adaptive head, training options": lambda rng: check_model(rng, "adaptive", **OPTIONS),
     "fast step, full head, training options": lambda rng: check_model(rng, loss_and_grads=_fast_loss_and_grads,
                                                                       **OPTIONS),
     "fast step, hier head, training options": lambda rng: check_model(rng, "hier", _fast_loss_and_grads,
                                                                       **OPTIONS),
+    "fast step, adaptive head, training options": lambda rng: check_model(rng, "adaptive", _fast_loss_and_grads,
+                                                                          **OPTIONS),
 }
 
 
@@ -263,14 +272,14 @@ def main(argv=None):
     if not names:
         ap.error(f"no check matches {args.only!r}; the checks: {', '.join(CHECKS)}")
     failed = 0
-    print(f"{'check':<40} {'gradient of':<26} {'worst rel. error':>16}")
+    print(f"{'check':<44} {'gradient of':<26} {'worst rel. error':>16}")
     for name in names:
         errors = run(name)
         rows = errors.items() if args.verbose else [max(errors.items(), key=lambda kv: kv[1])]
         for i, (tensor, err) in enumerate(rows):
             ok = err < args.tol
             failed += not ok
-            print(f"{name if i == 0 else '':<40} {tensor:<26} {err:>16.1e}  {'OK' if ok else 'NOT OK'}", flush=True)
+            print(f"{name if i == 0 else '':<44} {tensor:<26} {err:>16.1e}  {'OK' if ok else 'NOT OK'}", flush=True)
     print(f"\n{'all OK' if not failed else f'{failed} NOT OK'} (float64 central differences, h = {H:g}, "
           f"tolerance {args.tol:g}{'' if args.verbose else '; the worst gradient of each check, -v for all'})")
     return 1 if failed else 0

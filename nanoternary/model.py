@@ -10,7 +10,7 @@
         u = RMSNorm(x)                                TernaryGLU
         x = x + ternary_down(relu(ternary_gate(u))^2 * ternary_up(u))     256 -> 683 -> 256
     h = RMSNorm(x)
-    loss = cross-entropy(h @ E^T, targets)            full 50,257-way softmax (or the hier head)
+    loss = cross-entropy(h @ E^T, targets)            full 50,257-way softmax (or the hier or adaptive head)
 
 Read `Model.forward` and `Model.backward`: embedding, body, head, and the same three reversed. The
 body (`body_forward`: the block n times and the final norm) and the block are plain functions of
@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .classmap import ClassMap
+from .classmap import ClassMap, ClusterMap, check_cutoffs, default_cutoffs
+from .ops.adaptive_head import (adaptive_ce_backward, adaptive_ce_forward, adaptive_log_probs, adaptive_nll,
+                                adaptive_weight_grads, adaptive_weights, tail_widths)
 from .config import check, setting
 from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
@@ -57,17 +59,24 @@ class ModelConfig:
     ternary: bool = setting(True, "the core's four matrices ternary {-1,0,+1} (default); --no-ternary: plain "
                             "float weights, all else the same, to measure what ternary costs")
     ternary_scale: bool = setting(False, "BitNet b1.58's per-tensor scale mean|W| on the ternary outputs")
-    head: str = setting("full", "output head: the full 50,257-way softmax, or the hierarchical one",
-                        choices=("full", "hier"))
+    head: str = setting("full", "output head: the full 50,257-way softmax, the hierarchical one, or the "
+                        "adaptive softmax (docs/heads.md)", choices=("full", "hier", "adaptive"))
     hier_classes: int = setting(0, "hier head: number of classes; 0 -> round(sqrt(vocab_size))", range="[0, inf)")
+    adaptive_cutoffs: tuple = setting((), "adaptive head: the frequency ranks where the shortlist and each tail "
+                                      "cluster end, the last the vocabulary size (default: 4096,16384,50257, "
+                                      "or the same fractions of another vocabulary)", range="[1, inf)")
+    adaptive_div: int = setting(4, "adaptive head: tail cluster i is scored at width d_model / div^i", range="[2, inf)")
 
     def __post_init__(self):
         self.dilations = tuple(int(d) for d in self.dilations)
+        self.adaptive_cutoffs = tuple(int(c) for c in self.adaptive_cutoffs)
         check(self)
         if self.d_model % self.conv_groups:
             raise ValueError(f"--d-model {self.d_model} must be divisible by --conv-groups {self.conv_groups}")
         if self.hier_classes > self.vocab_size:
             raise ValueError(f"--hier-classes must be at most the vocabulary size {self.vocab_size}")
+        if self.head == "adaptive":
+            check_cutoffs(adaptive_cutoffs(self), self.vocab_size, self.d_model, self.adaptive_div)
 
     @property
     def receptive_field(self):
@@ -101,6 +110,10 @@ def param_shapes(cfg):
                    "block.glu.up.w": (H, C), "block.glu.down.w": (C, H), "norm_f.g": (C,)})
     if cfg.head == "hier":
         shapes["head.class_w"] = (n_hier_classes(cfg), C)
+    if cfg.head == "adaptive":                         # ops/adaptive_head.py: what is tied to embed.w
+        J = len(adaptive_cutoffs(cfg)) - 1
+        shapes["head.cluster_w"] = (J, C)
+        shapes.update({f"head.proj{i}.w": (d, C) for i, d in enumerate(tail_widths(C, cfg.adaptive_div, J), 1)})
     return shapes
 
 
@@ -108,15 +121,44 @@ def n_hier_classes(cfg):
     return cfg.hier_classes or int(round(math.sqrt(cfg.vocab_size)))
 
 
+def adaptive_cutoffs(cfg):
+    return cfg.adaptive_cutoffs or default_cutoffs(cfg.vocab_size)
+
+
+def head_map(cfg, counts=None):
+    """The cheap heads' map of the vocabulary (classmap.py) from the training tokens' counts: the
+    hier head's classes, the adaptive head's clusters (None for the full head). counts None: a
+    Zipf prior, for a model made without data."""
+    if cfg.head == "hier":
+        n = n_hier_classes(cfg)
+        return ClassMap.default(cfg.vocab_size, n) if counts is None else ClassMap.from_counts(counts, n)
+    if cfg.head == "adaptive":
+        c = adaptive_cutoffs(cfg)
+        return ClusterMap.default(cfg.vocab_size, c) if counts is None else ClusterMap.from_counts(counts, c)
+    return None
+
+
+def head_weights(p, cfg, class_map):
+    """What the head's ops take after h: (E,) for the full head, (E, W_c, class map) for the hier
+    head, (W_head, tails, cluster map) for the adaptive one, its weights tied to E (adaptive_weights)."""
+    if cfg.head == "full":
+        return (p["embed.w"],)
+    if cfg.head == "hier":
+        return p["embed.w"], p["head.class_w"], class_map
+    projs = [p[f"head.proj{i}.w"] for i in range(1, class_map.n_tails + 1)]
+    return (*adaptive_weights(p["embed.w"], p["head.cluster_w"], projs, class_map), class_map)
+
+
 def init_params(cfg, rng, dtype=np.float32):
     """Initialisation as in the PyTorch peer: embedding N(0, 0.02); conv weights U(+-1/sqrt(fan_in))
     (PyTorch's Conv1d default); ternary latents N(0, 1/fan_in), the two that write into the residual
-    stream (mix.out, glu.down) N(0, 0.01^2); norm gains 1; hier class vectors N(0, 0.02)."""
+    stream (mix.out, glu.down) N(0, 0.01^2); norm gains 1; the heads' class and cluster vectors
+    N(0, 0.02); the adaptive head's projections N(0, 1/fan_in)."""
     p = {}
     for name, shape in param_shapes(cfg).items():
         if name.endswith(".g"):
             w = np.ones(shape)
-        elif name in ("embed.w", "head.class_w"):
+        elif name in ("embed.w", "head.class_w", "head.cluster_w"):
             w = rng.normal(0.0, 0.02, shape)
         elif ".conv" in name:
             bound = 1.0 / math.sqrt(shape[1] * shape[2])
@@ -260,20 +302,18 @@ def glu_backward(dd, cache, grads):
 
 
 class Model:
-    """Parameters in `self.params` (name -> array), the config in `self.cfg`, and for the hier head
-    its class map in `self.hier`. The model's own generator `self.rng` draws the initial weights
-    and, unless a generator is passed, the positions counted by loss_frac. `Model.load(path)` (a
-    checkpoint written by train.py) is checkpoint.load_model: the file format is checkpoint.py's."""
+    """Parameters in `self.params` (name -> array), the config in `self.cfg`, and for the hier and
+    adaptive heads their map of the vocabulary in `self.class_map` (head_map). The model's own
+    generator `self.rng` draws the initial weights and, unless a generator is passed, the positions
+    counted by loss_frac. `Model.load(path)` (a checkpoint written by train.py) is
+    checkpoint.load_model: the file format is checkpoint.py's."""
 
     def __init__(self, cfg=None, seed=0, dtype=np.float32, class_map=None):
         self.cfg = cfg if cfg is not None else ModelConfig()
         self.dtype = np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.params = init_params(self.cfg, self.rng, self.dtype)
-        self.hier = None
-        if self.cfg.head == "hier":
-            self.hier = class_map if class_map is not None else ClassMap.default(
-                self.cfg.vocab_size, n_hier_classes(self.cfg))
+        self.class_map = class_map if class_map is not None else head_map(self.cfg)
 
     # ------------------------------------------------------------------ forward and backward
 
@@ -304,18 +344,21 @@ class Model:
 
     def head_forward(self, h, y, label_smoothing=0.0, z_loss=0.0):
         # h (n,C), y (n,) -> loss (mean over the n rows), cache
-        E = self.params["embed.w"]
-        if self.cfg.head == "full":
-            return softmax_ce_forward(h, E, y, label_smoothing, z_loss)
-        return hier_ce_forward(h, E, self.params["head.class_w"], self.hier, y, label_smoothing, z_loss)
+        forward = {"full": softmax_ce_forward, "hier": hier_ce_forward, "adaptive": adaptive_ce_forward}
+        return forward[self.cfg.head](h, *head_weights(self.params, self.cfg, self.class_map), y,
+                                      label_smoothing, z_loss)
 
     def head_backward(self, cache):
-        # -> dh (n,C), {"embed.w": the head's dE, "head.class_w": dWc for the hier head}
+        # -> dh (n,C), the gradients of the head's parameters: {"embed.w": the head's dE, ...}
         if self.cfg.head == "full":
             dh, dE = softmax_ce_backward(1.0, cache)
             return dh, {"embed.w": dE}
-        dh, dE, dWc = hier_ce_backward(1.0, cache)
-        return dh, {"embed.w": dE, "head.class_w": dWc}
+        if self.cfg.head == "hier":
+            dh, dE, dWc = hier_ce_backward(1.0, cache)
+            return dh, {"embed.w": dE, "head.class_w": dWc}
+        dh, dW_head, dtails = adaptive_ce_backward(1.0, cache)          # then the tie to E, reversed
+        dE, dWcl, dprojs = adaptive_weight_grads(dW_head, dtails, self.class_map, self.params["embed.w"].shape)
+        return dh, {"embed.w": dE, "head.cluster_w": dWcl, **{f"head.proj{i}.w": d for i, d in enumerate(dprojs, 1)}}
 
     # ------------------------------------------------------------------ the interface
 
@@ -352,11 +395,8 @@ class Model:
     def nll(self, idx, targets):
         # idx, targets (B,T) -> (B,T) float64: -log p(target) at every position
         targets = np.asarray(targets)
-        h, E = self.hidden(idx), self.params["embed.w"]
-        if self.cfg.head == "full":
-            out = nll(h, E, targets.reshape(-1))
-        else:
-            out = hier_nll(h, E, self.params["head.class_w"], self.hier, targets.reshape(-1))
+        nll_of = {"full": nll, "hier": hier_nll, "adaptive": adaptive_nll}[self.cfg.head]
+        out = nll_of(self.hidden(idx), *head_weights(self.params, self.cfg, self.class_map), targets.reshape(-1))
         return out.reshape(targets.shape)
 
     def loss(self, idx, targets):
@@ -366,10 +406,9 @@ class Model:
     def log_probs(self, idx):
         # idx (B,T) -> (B,T,V) log-probabilities of the next token (all B*T*V of them)
         B, T = np.shape(idx)
-        h, E = self.hidden(idx), self.params["embed.w"]
-        if self.cfg.head == "full":
-            return log_softmax(h @ E.T).reshape(B, T, -1)
-        return hier_log_probs(h, E, self.params["head.class_w"], self.hier).reshape(B, T, -1)
+        log_probs_of = {"full": lambda h, E: log_softmax(h @ E.T), "hier": hier_log_probs,
+                        "adaptive": adaptive_log_probs}[self.cfg.head]
+        return log_probs_of(self.hidden(idx), *head_weights(self.params, self.cfg, self.class_map)).reshape(B, T, -1)
 
     def check_ids(self, idx):
         idx = np.asarray(idx)

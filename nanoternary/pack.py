@@ -40,7 +40,7 @@ A .npz with the checkpoint.py conventions (JSON meta, written to a .tmp and rena
     param/<name>    every float tensor except the 4 ternary latents (embed.w as float16 optionally)
     ternary/<name>  the QUANTIZED ternary weights, packed here: "2bit" (2 bits/weight) or
                     "base3" (5 trits per byte, 1.6 bits/weight); shape and scale s in the meta
-    cmap/<key>      the hier head's class map
+    cmap/<key>      the hier head's class map, or the adaptive head's cluster map
     meta            {"format": "nanoternary-packed-1", "kind": "packed", "scheme", "config", ...}
 
 The ternary weights are stored as the model's quantizer produced them, and the generator uses them
@@ -273,14 +273,14 @@ def masks_from_packed(packed, shape, scheme="2bit"):
 class InferenceWeights:
     """Everything generation needs, from a Model or from a packed checkpoint.
 
-    params   name -> float array: embedding, norm gains, conv weights, hier class vectors
+    params   name -> float array: embedding, norm gains, conv weights, the head's own weights
              (every parameter except the four ternary latents)
     ternary  name -> (W_t (O, I) int8 in {-1, 0, +1}, s float): the quantized matrices, as they are
     """
     cfg: ModelConfig
     params: dict
     ternary: dict
-    class_map: object = None          # ops.hier_head.ClassMap for the hier head
+    class_map: object = None          # classmap.ClassMap (hier head) or ClusterMap (adaptive head)
     meta: dict = field(default_factory=dict)
     kind: str = "model"               # "model" (in memory), "full" or "packed" (loaded from a file)
     path: str = None
@@ -302,7 +302,7 @@ def weights_from_model(model):
         else:  # float weights (ternary=False): kept as they are, only the "blas" kernel applies
             ternary[name] = (np.array(wt), float(s))
     params = {k: v for k, v in model.params.items() if k not in TERNARY}
-    return InferenceWeights(model.cfg, params, ternary, model.hier, dict(getattr(model, "meta", {})),
+    return InferenceWeights(model.cfg, params, ternary, model.class_map, dict(getattr(model, "meta", {})),
                             "model", None)
 
 
@@ -478,9 +478,7 @@ def load_packed(path, dtype=None):
             raise CheckpointError(f"{path}: {name} cannot be unpacked ({e})") from None
         ternary[name] = (wt, float(tern_meta[name]["scale"]))
     params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in groups["param"].items()}
-    class_map = None
-    if cfg.head == "hier":
-        class_map = class_map_from_state(groups["cmap"], cfg, path)
+    class_map = class_map_from_state(groups["cmap"], cfg, path) if cfg.head != "full" else None
     return InferenceWeights(cfg, params, ternary, class_map, meta, "packed", path)
 
 

@@ -257,7 +257,7 @@ class Run:
             "data": {"key": self.data.meta["key"], "path": self.data.path,
                      "source": self.data.meta["source"], "train_tokens": self.data.meta["train_tokens"]},
         }
-        cmap = self.model.hier.state() if self.model.hier is not None else {}
+        cmap = self.model.class_map.state() if self.model.class_map is not None else {}
         return self.model.params, meta, optimizers_state(self.opt), cmap
 
     def write(self, name, val_loss=None):

@@ -251,3 +251,153 @@ def test_fused_with_no_counted_rows_and_float32(setup):
     assert abs(got[0] - want[0]) < 1e-5 * abs(want[0])
     assert_close(got[1], want[1], "dh", 1e-5)
     assert_close(got[2], want[2], "dW_head", 1e-5)
+
+
+# ------------------------------------------------------------------------------- the model with it
+
+def test_model_without_data_has_the_default_split():
+    from nanoternary.model import Model, ModelConfig
+    m = Model(ModelConfig(head="adaptive"))
+    assert tuple(m.class_map.cutoffs) == DEFAULT_CUTOFFS and np.array_equal(m.class_map.order, np.arange(50257))
+    shapes = {k: v.shape for k, v in m.params.items() if k.startswith("head.")}
+    assert shapes == {"head.cluster_w": (2, 256), "head.proj1.w": (64, 256), "head.proj2.w": (16, 256)}
+    assert m.param_counts()["head"] == 2 * 256 + 64 * 256 + 16 * 256
+    cfg = ModelConfig(head="adaptive", vocab_size=40, d_model=8, adaptive_cutoffs=[5, 40], adaptive_div=2,
+                      conv_groups=2)
+    assert cfg.adaptive_cutoffs == (5, 40) and Model(cfg).params["head.proj1.w"].shape == (4, 8)
+    for kw, match in ((dict(adaptive_cutoffs=(5, 30)), "vocabulary size 40"),
+                      (dict(adaptive_cutoffs=(9, 5, 40)), "rising strictly"),
+                      (dict(adaptive_cutoffs=(40,)), "at least two"),
+                      (dict(adaptive_div=16), "0 wide"),
+                      (dict(adaptive_div=1), "--adaptive-div must be in")):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**{**cfg.to_dict(), **kw})
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    from test_train import write_corpus
+    monkeypatch.chdir(tmp_path)
+    return write_corpus(str(tmp_path))
+
+
+# the corpus has about 40 distinct tokens: a shortlist of 8 and a first tail of 16 leave seen tokens
+# in both tails, so training goes through every level
+ADAPTIVE = ["--head", "adaptive", "--adaptive-cutoffs", "8,24,50257"]
+
+
+def test_trains_resumes_and_starts_others(corpus, monkeypatch, capsys):
+    """train.py --head adaptive: the cluster map from the training tokens' counts, saved and loaded;
+    an interrupted run resumed takes the same steps as an uninterrupted one; --init-from."""
+    import os
+    import signal
+    import train
+    from test_train import TINY, read_log
+    from nanoternary.checkpoint import load_checkpoint
+    from nanoternary.data import prepare
+    from nanoternary.model import Model
+    common = ["--data", corpus, "--max-steps", "8", "--eval-interval", "4", "--save-interval", "3",
+              "--label-smoothing", "0.1"] + ADAPTIVE + TINY
+    assert train.main(common + ["--out", "a"]) == 0
+    m = Model.load("a")
+    counts = np.bincount(prepare([corpus], verbose=False).train, minlength=50257)
+    assert m.cfg.head == "adaptive" and np.array_equal(m.class_map.order, ClusterMap.from_counts(counts, (8, 24, 50257)).order)
+    assert set(m.class_map.token_cluster[np.flatnonzero(counts)]) == {0, 1, 2}
+    log = read_log("a")
+    assert log[-1]["train_loss"] < log[0]["train_loss"] and "loss-frac 1.0" in open("a/report.md").read()
+    real = train.train_step
+
+    def interrupted(*args):                                 # a Ctrl-C arrives during step 5
+        out = real(*args)
+        if args[-1].step + 1 == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(train, "train_step", interrupted)
+    assert train.main(common + ["--out", "b"]) == 130
+    monkeypatch.setattr(train, "train_step", real)
+    assert train.main(common + ["--out", "b", "--resume"]) == 0
+    assert [r["train_loss"] for r in read_log("b")] == [r["train_loss"] for r in log]
+    pa, pb = load_checkpoint("a")[0], load_checkpoint("b")[0]
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    # a new run from its weights: the same head and cluster map; a clashing head setting is one line
+    capsys.readouterr()
+    init = ["--data", corpus, "--init-from", "a/latest.npz", "--max-steps", "1"] + TINY
+    assert train.main(init + ["--out", "c"]) == 0
+    c = Model.load("c")
+    assert c.cfg == m.cfg and np.array_equal(c.class_map.order, m.class_map.order)
+    assert train.main(init + ["--out", "d", "--adaptive-div", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "--init-from a/latest.npz has --adaptive-div 4, not 2" in err and err.count("\n") == 1, err
+
+
+def test_bad_adaptive_flags_get_one_line(corpus, capsys):
+    import train
+    from test_train import TINY
+    for flags, words in ((["--adaptive-cutoffs", "8,4,50257"], "--adaptive-cutoffs must be"),
+                         (["--adaptive-cutoffs", "8,x"], "--adaptive-cutoffs"),
+                         (["--adaptive-div", "64"], "--adaptive-div 64: the last of 2 tail clusters"),
+                         (["--adaptive-div", "1"], "--adaptive-div must be in [2, inf)")):
+        assert train.main(["--data", corpus, "--out", "x", "--head", "adaptive"] + flags + TINY) == 1
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+
+
+def test_sample_export_evaluate_and_the_checkpoint_checks(corpus, capsys):
+    """sample.py, the packed export (the same tokens and log-probabilities as the full checkpoint),
+    evaluation (full = packed = Model.nll) and the cluster map's validation on load."""
+    import train
+    from test_sample import load_sample_module
+    from test_train import TINY
+    from nanoternary import evaluate
+    from nanoternary.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from nanoternary.data import prepare, val_windows
+    from nanoternary.generate import Generator, main as generate_main
+    from nanoternary.model import Model
+    from nanoternary.pack import load_packed
+    assert train.main(["--data", corpus, "--out", "s", "--max-steps", "30", "--lr-adam", "1e-2", "--dtype", "float64"]
+                      + ADAPTIVE + TINY) == 0
+    capsys.readouterr()
+    sample = load_sample_module()
+    assert sample.main(["--checkpoint", "s", "--prompt", "the cat", "--max-new-tokens", "12", "--head", "adaptive"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the cat") and len(out) > len("the cat\n") and "head adaptive" in err
+    assert generate_main(["export", "--checkpoint", "s", "--out", "p.npz"]) == 0
+    capsys.readouterr()
+    w = load_packed("p.npz")
+    m = Model.load("s")
+    assert w.cfg.head == "adaptive" and np.array_equal(w.class_map.order, m.class_map.order)
+    assert sample.main(["--checkpoint", "p.npz", "--prompt", "the cat", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr()[0] == out                                  # the same seed, the same text
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, 50257, 3)] + [262, 3797, 3332]
+    a, b = Generator("p.npz", kernel="blas"), Generator(m, kernel="blas")
+    ha, hb = a.prefill(ids)[-1], b.prefill(ids)[-1]
+    np.testing.assert_array_equal(a.log_probs(ha), b.log_probs(hb))
+    np.testing.assert_allclose(b.log_probs(hb), m.log_probs(np.array([ids]))[0, -1], rtol=1e-10)
+    full = evaluate.evaluate("s", [corpus], tokens=1024, seq_len=32, verbose=False)
+    packed = evaluate.evaluate("p.npz", [corpus], tokens=1024, seq_len=32, verbose=False)
+    data = prepare([corpus], val_fraction=0.0, verbose=False)
+    want = np.mean([m.nll(x, y).mean() for x, y in val_windows(data.train, 8, 32, 4, seed=0)])
+    assert full["head"] == "adaptive" and full["nll"] == pytest.approx(want, rel=1e-6) == packed["nll"]
+    # a checkpoint without its cluster map, or with one that does not fit the config: one clear error
+    params, meta, _, cmap = load_checkpoint("s")
+    save_checkpoint("missing.npz", params, meta)
+    with pytest.raises(CheckpointError, match="missing.npz: an adaptive-head checkpoint without its cluster map"):
+        Model.load("missing.npz")
+    save_checkpoint("wrong.npz", params, meta, class_map={**cmap, "cutoffs": np.array([8, 50257])})
+    with pytest.raises(CheckpointError, match="wrong.npz: its cluster map does not fit the model"):
+        Model.load("wrong.npz")
+    save_checkpoint("bad.npz", params, meta, class_map={**cmap, "order": np.zeros(50257, dtype=np.int64)})
+    with pytest.raises(CheckpointError, match="bad.npz: its cluster map is invalid"):
+        Model.load("bad.npz")
+
+
+def test_bench_prints_one_json_object():
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "nanoternary.tools.bench", "--head", "adaptive", "--batch-size", "2",
+                          "--seq-len", "32", "--steps", "1", "--json"], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert r["tokens_per_s"] > 0 and r["head"] == "adaptive" and r["loss_frac"] == 1.0
+    assert abs(sum(r["shares"].values()) - 1.0) < 0.01 and r["shares"]["head forward"] > 0

@@ -132,12 +132,12 @@ def _batch(seed, B=5, T=9, V=23):
 OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-3, loss_frac=0.3), dict(loss_frac=0.4, train_embed=False)]
 
 
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 @pytest.mark.parametrize("options", OPTIONS)
 def test_fast_step_equals_plain_step_float64(head, options):
     """fast.step.loss_and_grads == Model.loss_and_grads: loss and every gradient to 1e-10 relative,
     for 1, 2 and 3 shards (data parallelism over the batch) and the fused heads."""
-    m = Model(ModelConfig(**{**TINY, "head": head}), seed=0, dtype=np.float64)
+    m = Model(ModelConfig(**{**TINY, "head": head, "adaptive_div": 2}), seed=0, dtype=np.float64)
     idx, tgt = _batch(8)
     loss, grads = m.loss_and_grads(idx, tgt, rng=np.random.default_rng(1), **options)
     for workers in (1, 2, 3):
@@ -150,7 +150,7 @@ def test_fast_step_equals_plain_step_float64(head, options):
     assert_close(fast.nll(m, idx, tgt, workers=2, chunk=7), m.nll(idx, tgt), "nll", 1e-12)
 
 
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 def test_fast_step_equals_plain_step_float32(head):
     """The reference configuration in float32: the fused head sums in another order and skips the
     max-shift, so the two agree to float32 rounding: loss to 1e-5, each gradient to 2e-3 of its
@@ -166,8 +166,9 @@ def test_fast_step_equals_plain_step_float32(head):
         assert_close(fgrads[k], grads[k], k, 2e-3)
 
 
-def test_a_shard_with_no_counted_rows(rng):
-    m = tiny_model(head="hier", hier_classes=5)
+@pytest.mark.parametrize("head", ["hier", "adaptive"])
+def test_a_shard_with_no_counted_rows(rng, head):
+    m = tiny_model(head=head, hier_classes=5, adaptive_div=2)
     idx, tgt = _batch(9, B=2, T=4)
     kw = dict(loss_frac=0.125, train_embed=False)     # one counted position out of 8: one shard has none
     loss, grads = m.loss_and_grads(idx, tgt, rng=np.random.default_rng(3), **kw)

@@ -48,7 +48,7 @@ def assert_close(name, got, want, tol):
                               f"got {got[i]!r}, want {want[i]!r}")
 
 
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 @pytest.mark.parametrize("kernel", ["addsub", "blas"])
 def test_incremental_equals_full_forward_float64(head, kernel):
     m = small_model(head=head)
@@ -85,7 +85,7 @@ def test_incremental_equals_full_forward_logits_and_scale():
         assert_close(f"logits, {kernel}", np.array(got), want, 1e-9)
 
 
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 @pytest.mark.parametrize("kernel", ["addsub", "blas"])
 def test_incremental_equals_full_forward_float32(head, kernel):
     m = small_model(head=head, dtype=np.float32)
@@ -144,12 +144,12 @@ def test_one_position_through_the_op_equals_a_product(s):
 
 
 @pytest.mark.parametrize("scheme", ["2bit", "base3"])
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 def test_packed_export_round_trip(tmp_path, scheme, head):
     m = small_model(head=head, dtype=np.float32)
     ckpt = str(tmp_path / "latest.npz")
     save_checkpoint(ckpt, m.params, {"config": m.cfg.to_dict(), "step": 7},
-                    class_map=m.hier.state() if m.hier else None)
+                    class_map=m.class_map.state() if m.class_map else None)
     out = str(tmp_path / "model-packed.npz")
     rep = export_packed(str(tmp_path), out, scheme)       # the run folder -> its latest.npz
     assert rep["bytes"] < rep["source_bytes"]
@@ -252,7 +252,7 @@ def run(gen, prompt, n=30, **kw):
     return list(gen.generate(prompt, n, **kw))
 
 
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 def test_same_seed_same_tokens(head):
     gen = Generator(small_model(head=head, dtype=np.float32), eot=96)
     kw = dict(temperature=1.0, stop_at_eot=False)
@@ -264,7 +264,7 @@ def test_same_seed_same_tokens(head):
     assert gen.stats.new_tokens == 30 and gen.stats.prompt_tokens == 3
 
 
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 def test_flags_reach_the_sampler(head):
     gen = Generator(small_model(head=head), eot=96)
     greedy = run(gen, [5, 6], temperature=0, stop_at_eot=False)

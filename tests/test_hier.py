@@ -76,8 +76,8 @@ def test_hier_checkpoint_needs_a_matching_class_map(tmp_path):
     m = Model(cfg, seed=0)
     meta = {"config": cfg.to_dict()}
     good = str(tmp_path / "good.npz")
-    save_checkpoint(good, m.params, meta, class_map=m.hier.state())
-    assert np.array_equal(Model.load(good).hier.token_class, m.hier.token_class)
+    save_checkpoint(good, m.params, meta, class_map=m.class_map.state())
+    assert np.array_equal(Model.load(good).class_map.token_class, m.class_map.token_class)
     missing = str(tmp_path / "missing.npz")
     save_checkpoint(missing, m.params, meta)
     with pytest.raises(CheckpointError, match="class map"):

@@ -73,9 +73,9 @@ def test_causality_whole_model():
     assert not np.allclose(lp[:, 29], m.log_probs(np.concatenate([idx[:, :29], (idx[:, 29:] + 1) % 23], 1))[:, 29])
 
 
-@pytest.mark.parametrize("head", ["full", "hier"])
+@pytest.mark.parametrize("head", ["full", "hier", "adaptive"])
 def test_log_probs_normalised_and_match_loss(head):
-    m = Model(ModelConfig(**{**TINY, "head": head}), seed=0, dtype=np.float64)
+    m = Model(ModelConfig(**{**TINY, "head": head, "adaptive_div": 2}), seed=0, dtype=np.float64)
     idx, tgt = _batch(4)
     lp = m.log_probs(idx)
     assert lp.shape == (2, 7, 23)

@@ -63,6 +63,24 @@ def test_two_processes_train_the_same_model_as_one(corpus, tmp_path, dtype, rtol
         assert err <= rtol * 50, f"{k}: weights differ by {err:.2e} (relative)"   # after 5 updates
 
 
+def test_two_processes_train_the_same_model_as_one_with_the_adaptive_head(corpus, tmp_path):
+    """The adaptive head (fast/adaptive_head.py, its rows split between the processes, its cluster map
+    made on rank 0 and the same everywhere), counted positions and smoothing: float64, to 1e-12."""
+    args = ["--data", corpus, "--max-steps", "4", "--dtype", "float64", "--loss-frac", "0.5", "--label-smoothing",
+            "0.1", "--head", "adaptive", "--adaptive-cutoffs", "8,24,50257"] + TINY_MPI
+    one = run(tmp_path, args + ["--out", "one", "--threads", "2"])
+    two = run(tmp_path, args + ["--out", "two"], n=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
+    l1, l2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["train_loss"] for r in l1] == pytest.approx([r["train_loss"] for r in l2], rel=1e-5)   # 5 digits logged
+    m1, m2 = Model.load(str(tmp_path / "one")), Model.load(str(tmp_path / "two"))
+    assert np.array_equal(m1.class_map.order, m2.class_map.order)
+    for k, v in m1.params.items():
+        err = np.abs(m2.params[k] - v).max() / max(np.abs(v).max(), 1e-30)
+        assert err <= 1e-12 * 50, f"{k}: weights differ by {err:.2e} (relative)"
+
+
 def test_resume_under_mpi_equals_the_uninterrupted_run_and_n_may_change(corpus, tmp_path):
     args = ["--data", corpus, "--dtype", "float64"] + TINY_MPI
     assert run(tmp_path, args + ["--out", "full", "--max-steps", "6"], n=2).returncode == 0

@@ -140,10 +140,10 @@ def test_hier_head_trains_and_saves_its_class_map(corpus):
     assert train.main(["--data", corpus, "--out", "h", "--max-steps", "6", "--head", "hier",
                        "--hier-classes", "20"] + TINY) == 0
     m = Model.load("h")
-    assert m.cfg.head == "hier" and m.hier.n_classes == 20
+    assert m.cfg.head == "hier" and m.class_map.n_classes == 20
     # the class map came from the training data's counts, not the default
     from nanoternary.classmap import ClassMap
-    assert not np.array_equal(m.hier.token_class, ClassMap.default(50257, 20).token_class)
+    assert not np.array_equal(m.class_map.token_class, ClassMap.default(50257, 20).token_class)
 
 
 def test_time_budget_and_token_limit(corpus):
@@ -170,7 +170,7 @@ def test_defaults_that_depend_on_other_settings():
     assert resolved({}).freeze_embed_steps == 1000 and resolved({}, embed_source="random").freeze_embed_steps == 0
     assert resolved(dict(freeze_embed_steps=5)).freeze_embed_steps == 5
     helps = train.run.build_parser(train.TrainConfig, train.ModelConfig).format_help()
-    for rule in ("0.25 [0.25] with the full head, 1 with the hier head", "1000 [1000] with GPT-2's",
+    for rule in ("0.25 [0.25] with the full head, 1 with the hier and adaptive heads", "1000 [1000] with GPT-2's",
                  "no limit with --time-budget or --max-tokens"):
         assert rule in " ".join(helps.split()), rule
 
@@ -302,7 +302,9 @@ def test_log_is_json_without_clipping(corpus):
 
 
 @pytest.mark.parametrize("head,extra", [("full", ["--loss-frac", "0.5", "--label-smoothing", "0.1"]),
-                                        ("hier", ["--hier-classes", "9", "--ema", "0.9", "--grad-accum", "2"])])
+                                        ("hier", ["--hier-classes", "9", "--ema", "0.9", "--grad-accum", "2"]),
+                                        ("adaptive", ["--adaptive-cutoffs", "8,24,50257", "--loss-frac", "0.5",
+                                                      "--label-smoothing", "0.1"])])
 def test_plain_run_takes_the_same_steps_as_the_fast_one(corpus, monkeypatch, head, extra):
     """--plain (Model.loss_and_grads and optim.py, one thread: the code of the reading path) and the
     default (nanoternary/fast/ on 2 threads) take the same steps: the same losses (compared unrounded;

@@ -11,18 +11,21 @@ thread per core (threads.py), with a head that never holds the (N, V) logits:
 
     1. the lookup and body_forward of each shard of the batch (a shard = B / cores sequences)
     2. the head over all N rows: the full head split by rows (fast/head.py, chunked, shift-free
-       softmax), the hierarchical head split by classes (fast/hier_head.py)
+       softmax), the hierarchical head split by classes (fast/hier_head.py), the adaptive head split
+       by rows (fast/adaptive_head.py)
     3. body_backward of each shard; the shards' weight gradients add up (data parallelism), and the
        embedding's backward runs once over the whole batch, into the head's dE (the tied sum)
 
 With `comm` (dist.py) of several processes, each takes its own sequences of the batch, and one
 Allreduce sums the processes' losses and gradients: the same numbers again, on several machines.
-tests/test_fast.py proves it equal to the plain step, for both heads and every training option.
+tests/test_fast.py proves it equal to the plain step, for every head and every training option.
 """
 import numpy as np
 
 from .. import model as M
+from ..ops.adaptive_head import adaptive_weight_grads
 from ..ops.embedding import embedding_forward
+from .adaptive_head import adaptive_ce_fused
 from .head import DEFAULT_CHUNK, max_row_norm, nll_fused, softmax_ce_fused
 from .hier_head import hier_ce_fused
 from .profile import section
@@ -107,11 +110,20 @@ def embedding_backward_sorted(dx, idx, dE):
 
 
 def _head(model, h, targets, rows, denom, label_smoothing, z_loss, train_embed, pieces, chunk):
-    # h (N,C), targets (N,) -> loss, dh (N,C), {"embed.w": dE, "head.class_w": dWc as present}
+    # h (N,C), targets (N,) -> loss, dh (N,C), {"embed.w": dE, and the head's own weights' gradients}
     E = model.params["embed.w"]
     denom = denom or (h.shape[0] if rows is None else rows.size)
+    if model.cfg.head == "adaptive":
+        W_head, tails, cmap = M.head_weights(model.params, model.cfg, model.class_map)     # tied to E
+        loss, dh, dW_head, dtails = adaptive_ce_fused(h, W_head, tails, cmap, targets, rows, label_smoothing, z_loss,
+                                                      need_dW=train_embed, denom=denom, workers=len(pieces), chunk=chunk)
+        grads = {"head.cluster_w": dW_head[cmap.shortlist_size:],
+                 **{f"head.proj{i}.w": dP for i, (dP, _) in enumerate(dtails, 1)}}
+        if train_embed:                                 # the tie, reversed: dE from the shortlist and tails
+            grads["embed.w"] = adaptive_weight_grads(dW_head, dtails, cmap, E.shape)[0]
+        return loss, dh, grads
     if model.cfg.head == "hier":
-        loss, dh, dE, dWc = hier_ce_fused(h, E, model.params["head.class_w"], model.hier, targets, rows,
+        loss, dh, dE, dWc = hier_ce_fused(h, E, model.params["head.class_w"], model.class_map, targets, rows,
                                           label_smoothing, z_loss, need_dE=train_embed, denom=denom,
                                           workers=len(pieces))
         return loss, dh, {"head.class_w": dWc, **({"embed.w": dE} if train_embed else {})}
@@ -139,7 +151,7 @@ def nll(model, idx, targets, workers=None, chunk=DEFAULT_CHUNK):
     idx, targets = model.check_ids(idx), np.asarray(targets)
 
     def shard(b0, b1):
-        if model.cfg.head == "hier":
+        if model.cfg.head != "full":            # the cheap heads' plain nll: no (N, V) logits to avoid
             return model.nll(idx[b0:b1], targets[b0:b1])
         h = model.hidden(idx[b0:b1])
         return nll_fused(h, model.params["embed.w"], targets[b0:b1].reshape(-1), chunk).reshape(b1 - b0, -1)

@@ -1,50 +1,30 @@
 """The adaptive softmax head (Grave et al. 2017, "Efficient softmax approximation for GPUs";
-PyTorch's torch.nn.AdaptiveLogSoftmaxWithLoss, used by fairseq and Transformer-XL).
+PyTorch's torch.nn.AdaptiveLogSoftmaxWithLoss). docs/heads.md compares it with the other heads.
 
-Word frequencies follow Zipf's law: a few thousand tokens make up most of the text. The adaptive
-softmax gives those a full softmax of their own and puts the rare rest in a few tail clusters that
-are scored only when needed, through narrower projections. The tokens are sorted by frequency and
-cut at c_1 < c_2 < ... < c_K = V (classmap.ClusterMap): the shortlist holds the S = c_1 most
-frequent, tail cluster i the tokens ranked [c_i, c_{i+1}), i = 1 .. K-1. Letters: N rows, C the
-model width, S the shortlist, J = K-1 tail clusters (not T: that is the sequence length), d_i =
-C // div^i the width of tail i, n_i its number of tokens.
+A few thousand tokens make up most of any text (Zipf's law). The adaptive softmax gives those a full
+softmax and puts the rare rest in a few tail clusters, scored only when needed through narrower
+projections. The tokens, sorted by frequency, are cut at c_1 < ... < c_K = V (classmap.ClusterMap):
+the shortlist holds the S = c_1 most frequent, tail cluster i the tokens ranked [c_i, c_{i+1}).
+Letters: S the shortlist, J = K-1 tail clusters, d_i = C // div^i the width of tail i, n_i its size.
 
-    head:    a   = h @ W_head^T          (S + J,)  one logit per shortlist token, then one per tail cluster
+    head:    a   = h @ W_head^T          (S + J,)  a logit per shortlist token, then one per tail cluster
     tail i:  z_i = h @ P_i^T             (d_i,)    a projection to a narrower width, P_i (d_i, C)
-             b_i = z_i @ W_i^T           (n_i,)    one logit per token of the cluster, W_i (n_i, d_i)
+             b_i = z_i @ W_i^T           (n_i,)    a logit per token of the cluster, W_i (n_i, d_i)
 
     log p(v) = log softmax(a)_v                                  v in the shortlist
     log p(v) = log softmax(a)_{S+i-1} + log softmax(b_i)_v       v in tail cluster i
 
-Each factor is a normalised softmax, so the distribution is exact over all V tokens (it sums to 1;
-tests/test_adaptive.py) and the NLL compares directly with the full head's. The cost per row is
-S + J dot products of width C, plus, for a row whose target is in tail i, C d_i + n_i d_i
-multiply-adds: in training only those rows go through tail i, which is where the saving comes
-from (ClusterMap's docstring measures the split). Evaluation of the full distribution
-(adaptive_log_probs) runs every row through every tail.
+Each factor is a normalised softmax, so the distribution is exact over all V tokens (it sums to 1)
+and the NLL compares directly with the full head's. A row costs S + J dot products of width C, and a
+row whose target is in tail i adds C d_i + n_i d_i multiply-adds: in training only those rows go
+through tail i. Label smoothing and z-loss apply per level, as in the hier head (hier_head.py).
 
-Label smoothing and z-loss apply per softmax level, as in the hierarchical head: the head softmax
-and the target's tail softmax are each a cross-entropy (head.cross_entropy_*) with its own
-smoothing toward uniform over that level's logits and its own z lse^2. So "uniform" means uniform
-within each level, not over the V tokens. Without them the loss is exactly the mean NLL.
-
-What is tied to the embedding E (V, C) (adaptive_weights builds the head's weights from the model's
-parameters, adaptive_weight_grads folds their gradients back):
-  - the shortlist rows of W_head ARE E's rows of those tokens, as in the full head;
-  - the J cluster vectors (the last J rows of W_head) are a parameter of their own
-    ("head.cluster_w", like the hier head's "head.class_w"): no token stands for a cluster;
-  - the projections P_i are parameters of their own ("head.proj{i}.w"): (d_i, C), 20K entries in all;
-  - the tail token vectors W_i are the first d_i columns of those tokens' rows of E:
-    W_i = E[tokens of cluster i, :d_i]. The math allows it (any (n_i, d_i) matrix works), and a
-    rare token's vector then also learns from the token's uses as an input, the argument for tying
-    at all; the SVD-projected GPT-2 embedding orders its columns by variance, so the first d_i
-    carry the most of each token's vector. Untied W_i would add 1.33M parameters (10% of the
-    model, for the default split) and their optimizer state, for the tokens seen least. Measured
-    in a small learning test (a bigram model h = RMSNorm(E[x] @ A), E random N(0, 0.02), this head,
-    600 AdamW steps of 2,048 tokens of English text; a one-off while building this head, issue 16): validation NLL
-    4.270 tied, 4.309 with untied W_i, after the same steps.
-Every token is in exactly one cluster, so each row of dE gets one of these gradients (the shortlist's
-whole row, or a tail token's first d_i columns) and nothing needs to be added up.
+What is tied to the embedding E (V, C) (adaptive_weights, and adaptive_weight_grads for the
+gradients): the shortlist rows of W_head ARE E's rows of those tokens, as in the full head; the tail
+token vectors are the first d_i columns of their rows of E, W_i = E[cluster i, :d_i] (any (n_i, d_i)
+matrix would do, and tied, a rare token's vector also learns from its uses as an input). Not tied:
+the J cluster vectors ("head.cluster_w": no token stands for a cluster) and the projections P_i
+("head.proj{i}.w"). Every token is in one cluster, so each row of dE gets exactly one gradient.
 """
 import numpy as np
 
