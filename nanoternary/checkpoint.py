@@ -169,15 +169,17 @@ def class_map_from_state(state, cfg, where):
 def cluster_map_from_state(state, cfg, where):
     """The adaptive head's cluster map saved in a checkpoint, checked against the model's config."""
     if "order" not in state and "cutoffs" not in state:
-        raise CheckpointError(f"{where}: an adaptive-head checkpoint without its cluster map (cmap/order, cmap/cutoffs)")
+        raise CheckpointError(f"{where}: an adaptive-head checkpoint without its cluster map "
+                              "(cmap/order, cmap/cutoffs)")
     try:
         cmap = ClusterMap.from_state(state)
     except ValueError as e:
         raise CheckpointError(f"{where}: its cluster map is invalid ({e})") from None
     want = adaptive_cutoffs(cfg)
     if cmap.vocab_size != cfg.vocab_size or tuple(cmap.cutoffs) != tuple(want):
-        raise CheckpointError(f"{where}: its cluster map does not fit the model ({cmap.vocab_size} tokens, cutoffs "
-                              f"{cmap.cutoffs.tolist()}; the model has {cfg.vocab_size} tokens and cutoffs {list(want)})")
+        raise CheckpointError(f"{where}: its cluster map does not fit the model ({cmap.vocab_size} tokens, "
+                              f"cutoffs {cmap.cutoffs.tolist()}; the model has {cfg.vocab_size} tokens and "
+                              f"cutoffs {list(want)})")
     return cmap
 
 

@@ -10,6 +10,8 @@ ClusterMap (Grave et al. 2017): the same sorted list cut at a few ranks, c_1 < c
 the c_1 most frequent tokens are the shortlist, scored at full width; the tokens ranked
 [c_i, c_{i+1}) are tail cluster i, scored through a narrower projection (ops/adaptive_head.py).
 """
+import math
+
 import numpy as np
 
 
@@ -254,7 +256,33 @@ def check_cutoffs(cutoffs, vocab_size, d_model, div):
     c = list(cutoffs)
     if len(c) < 2 or c[0] < 1 or any(b <= a for a, b in zip(c, c[1:])) or c[-1] != vocab_size:
         raise ValueError(f"--adaptive-cutoffs must be at least two ranks rising strictly from >= 1 to the "
-                         f"vocabulary size {vocab_size} (a shortlist and one tail or more), got {','.join(map(str, c))}")
+                         f"vocabulary size {vocab_size} (a shortlist and one tail or more), "
+                         f"got {','.join(map(str, c))}")
     if d_model // div ** (len(c) - 1) < 1:
         raise ValueError(f"--adaptive-div {div}: the last of {len(c) - 1} tail clusters would be "
                          f"{d_model} // {div}^{len(c) - 1} = 0 wide; use a smaller --adaptive-div or fewer cutoffs")
+
+
+# ------------------------------------------------------------------------------------------------
+# the map of a model's head, from its config (model.ModelConfig)
+
+
+def n_hier_classes(cfg):
+    return cfg.hier_classes or int(round(math.sqrt(cfg.vocab_size)))
+
+
+def adaptive_cutoffs(cfg):
+    return cfg.adaptive_cutoffs or default_cutoffs(cfg.vocab_size)
+
+
+def head_map(cfg, counts=None):
+    """The map of the vocabulary a model's head needs, from the training tokens' counts: the hier
+    head's classes, the adaptive head's clusters, None for the full head. counts None: the Zipf
+    prior of `default`, for a model made without data."""
+    if cfg.head == "hier":
+        n = n_hier_classes(cfg)
+        return ClassMap.default(cfg.vocab_size, n) if counts is None else ClassMap.from_counts(counts, n)
+    if cfg.head == "adaptive":
+        c = adaptive_cutoffs(cfg)
+        return ClusterMap.default(cfg.vocab_size, c) if counts is None else ClusterMap.from_counts(counts, c)
+    return None

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .classmap import ClassMap, ClusterMap, check_cutoffs, default_cutoffs
+from .classmap import adaptive_cutoffs, check_cutoffs, head_map, n_hier_classes
+from .config import check, setting
 from .ops.adaptive_head import (adaptive_ce_backward, adaptive_ce_forward, adaptive_log_probs, adaptive_nll,
                                 adaptive_weight_grads, adaptive_weights, tail_widths)
-from .config import check, setting
 from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
 from .ops.gates import relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward, sigmoid_gate_forward
@@ -115,27 +115,6 @@ def param_shapes(cfg):
         shapes["head.cluster_w"] = (J, C)
         shapes.update({f"head.proj{i}.w": (d, C) for i, d in enumerate(tail_widths(C, cfg.adaptive_div, J), 1)})
     return shapes
-
-
-def n_hier_classes(cfg):
-    return cfg.hier_classes or int(round(math.sqrt(cfg.vocab_size)))
-
-
-def adaptive_cutoffs(cfg):
-    return cfg.adaptive_cutoffs or default_cutoffs(cfg.vocab_size)
-
-
-def head_map(cfg, counts=None):
-    """The cheap heads' map of the vocabulary (classmap.py) from the training tokens' counts: the
-    hier head's classes, the adaptive head's clusters (None for the full head). counts None: a
-    Zipf prior, for a model made without data."""
-    if cfg.head == "hier":
-        n = n_hier_classes(cfg)
-        return ClassMap.default(cfg.vocab_size, n) if counts is None else ClassMap.from_counts(counts, n)
-    if cfg.head == "adaptive":
-        c = adaptive_cutoffs(cfg)
-        return ClusterMap.default(cfg.vocab_size, c) if counts is None else ClusterMap.from_counts(counts, c)
-    return None
 
 
 def head_weights(p, cfg, class_map):
@@ -303,7 +282,7 @@ def glu_backward(dd, cache, grads):
 
 class Model:
     """Parameters in `self.params` (name -> array), the config in `self.cfg`, and for the hier and
-    adaptive heads their map of the vocabulary in `self.class_map` (head_map). The model's own
+    adaptive heads their map of the vocabulary in `self.class_map` (classmap.head_map). The model's own
     generator `self.rng` draws the initial weights and, unless a generator is passed, the positions
     counted by loss_frac. `Model.load(path)` (a checkpoint written by train.py) is
     checkpoint.load_model: the file format is checkpoint.py's."""

@@ -114,13 +114,16 @@ def _head(model, h, targets, rows, denom, label_smoothing, z_loss, train_embed, 
     E = model.params["embed.w"]
     denom = denom or (h.shape[0] if rows is None else rows.size)
     if model.cfg.head == "adaptive":
-        W_head, tails, cmap = M.head_weights(model.params, model.cfg, model.class_map)     # tied to E
-        loss, dh, dW_head, dtails = adaptive_ce_fused(h, W_head, tails, cmap, targets, rows, label_smoothing, z_loss,
-                                                      need_dW=train_embed, denom=denom, workers=len(pieces), chunk=chunk)
+        with section("head forward"):
+            W_head, tails, cmap = M.head_weights(model.params, model.cfg, model.class_map)     # tied to E
+        loss, dh, dW_head, dtails = adaptive_ce_fused(h, W_head, tails, cmap, targets, rows, label_smoothing,
+                                                      z_loss, need_dW=train_embed, denom=denom,
+                                                      workers=len(pieces), chunk=chunk)
         grads = {"head.cluster_w": dW_head[cmap.shortlist_size:],
                  **{f"head.proj{i}.w": dP for i, (dP, _) in enumerate(dtails, 1)}}
         if train_embed:                                 # the tie, reversed: dE from the shortlist and tails
-            grads["embed.w"] = adaptive_weight_grads(dW_head, dtails, cmap, E.shape)[0]
+            with section("head backward"):
+                grads["embed.w"] = adaptive_weight_grads(dW_head, dtails, cmap, E.shape)[0]
         return loss, dh, grads
     if model.cfg.head == "hier":
         loss, dh, dE, dWc = hier_ce_fused(h, E, model.params["head.class_w"], model.class_map, targets, rows,

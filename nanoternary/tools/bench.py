@@ -1,7 +1,9 @@
 """Training-step benchmark: tokens/s, where the time goes, and the bounds to compare with.
 
     python -m nanoternary.tools.bench                         # every configuration, as a table
-    python -m nanoternary.tools.bench --head full --json      # one configuration, one JSON object
+    python -m nanoternary.tools.bench --rounds 3              # ... in turn, 3 times (a loaded machine)
+    python -m nanoternary.tools.bench --head adaptive --loss-frac 1 --json   # one configuration, JSON
+    python -m nanoternary.tools.bench --gemm-bound            # the fused full head against its 3 GEMMs
     python -m nanoternary.tools.bench --peer                  # and the PyTorch peer, same sitting
                                                               # (pip install -e ".[peer]" first)
 
@@ -12,8 +14,19 @@ token ids drawn from a Zipf law (so the hierarchical head sees realistic class s
     full        the full 50,257-way head on every position (the reference's step)
     full-25%    the full head on a random 25% of positions (the reference's trick)
     hier        the hierarchical two-level head on every position
+    adaptive    the adaptive softmax on every position (default split 4096 / 16384 / 50257)
     core        the ternary core alone: embedding frozen, loss on 0.4% of positions (the peer's
                 `--frac 0.004 --freeze-emb`)
+
+Every head against its bound: each configuration also counts the FLOPs and the bytes its step must
+move, part by part (the core's ops as tools/roofline.py counts them; the head's products and the
+arrays it must read and write once; the embedding's backward; AdamW on every trained parameter),
+and the table turns them into a bound with the GEMM rate and the memory bandwidth measured in the
+same run (roofline.machine, one core): the sum over the parts of max(FLOPs / rate, bytes /
+bandwidth), divided by the cores, as roofline does. `bound tok/s` is the batch's tokens over that
+time, `of bound` the measured rate's share of it. The head's own FLOPs are those of its products
+(2 per multiply-add; the backward twice the forward); its bytes leave out the logits, which a
+fused head need not write to memory.
 
 and, in the same run, the fused full head alone (head_s) against the bound set by its three GEMMs:
 the plain matrix products of the same shapes ((N,C)@(C,V), (N,V)@(V,C), (V,N)@(N,C)), timed both
@@ -23,7 +36,9 @@ its peak memory (peak_rss_mb) is its own.
 
 With --peer, the PyTorch peer's full step and core step run in turn with ours, --rounds times, and
 the ratios are taken round by round: these machines are shared and noisy (the same command can
-vary by 30% from one minute to the next), so only figures measured side by side compare.
+vary by 30% from one minute to the next), so only figures measured side by side compare. For the
+same reason `--rounds R` without --peer runs every configuration in turn R times and prints each
+round's ratios (adaptive / full, adaptive / full-25%, hier / core) and the medians.
 """
 import argparse
 import json
@@ -38,13 +53,15 @@ import numpy as np
 from ..fast import profile
 from ..fast import step as fast
 from ..fast.optim import FastAdamW
-from ..fast.threads import default_workers, run_shards, set_threads, split
-from ..model import Model, ModelConfig
+from ..fast.threads import blas_threads, default_workers, run_shards, set_threads, split
+from ..model import Model, ModelConfig, head_weights, n_hier_classes
+from .roofline import machine, ops
 
 CONFIGS = {
     "full": dict(head="full", loss_frac=1.0, train_embed=True),
     "full-25%": dict(head="full", loss_frac=0.25, train_embed=True),
     "hier": dict(head="hier", loss_frac=1.0, train_embed=True),
+    "adaptive": dict(head="adaptive", loss_frac=1.0, train_embed=True),
     "core": dict(head="full", loss_frac=0.004, train_embed=False),
 }
 
@@ -87,14 +104,63 @@ def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_l
             step()
         shares = profile.shares()
     dt = float(np.median(times))
+    peak = peak_rss_mb()
     return {
         "head": head, "loss_frac": loss_frac, "train_embed": train_embed,
         "batch_size": batch_size, "seq_len": seq_len, "workers": default_workers(),
         "step_s": round(dt, 4), "step_s_min": round(min(times), 4),
         "tokens_per_s": round(batch_size * seq_len / dt, 1),
         "shares": {k: round(v, 4) for k, v in shares.items()},
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak, 1),
+        "work": step_work(model, tgt, loss_frac, train_embed, default_workers()),
     }
+
+
+def step_work(model, tgt, loss_frac, train_embed, cores):
+    """{part: [FLOPs, bytes]} of one training step of bench_step (module docstring): the core's ops
+    as tools/roofline.py counts them, the head, the embedding's backward, AdamW. The counted
+    positions are drawn as a step draws them."""
+    cfg, C, V = model.cfg, model.cfg.d_model, model.cfg.vocab_size
+    B, T = tgt.shape
+    rows = model.counted_rows(tgt.size, loss_frac, np.random.default_rng(0))
+    work = {}
+    skip = ("AdamW", "NorMuon", "embedding backward")               # counted below, as this step runs them
+    for name, calls, _, flops, nbytes in ops(cfg, B, T, cores):
+        if calls and not name.startswith(skip):
+            work[f"core: {name}"] = [flops * calls, nbytes * calls]
+    y = tgt.reshape(-1) if rows is None else tgt.reshape(-1)[rows]
+    n, f = y.size, 4                                                  # rows in the loss, bytes per float
+    k = 3 if train_embed else 2                                       # products per level: logits, dh (, dW)
+    rw = (2 * n * C + (V * C if train_embed else 0)) * f              # h read, dh and dE written
+    if cfg.head == "full":
+        work["head"] = [2 * k * n * C * V, rw + V * C * f]             # + E read
+    elif cfg.head == "hier":
+        cm = model.class_map
+        sizes = np.diff(cm.offsets)
+        present = np.unique(cm.token_class[y])
+        work["head"] = [2 * 3 * n * C * n_hier_classes(cfg) + 2 * k * C * sizes[cm.token_class[y]].sum(),
+                        rw + sizes[present].sum() * C * f]             # + the present classes' rows of E
+    else:
+        W_head, tails, cm = head_weights(model.params, cfg, model.class_map)
+        cl = cm.token_cluster[y]
+        flops = 2 * k * n * C * W_head.shape[0] + 2 * n * C * cm.n_tails * (k == 2)   # dW of the cluster rows
+        nbytes = rw + 2 * W_head.nbytes                               # the gather of W_head: read, write
+        for i, (P, W) in enumerate(tails, start=1):
+            r = int((cl == i).sum())
+            flops += 2 * 3 * r * C * P.shape[0] + 2 * k * r * W.size    # z, dz -> dh, dP; logits, dz (, dW)
+            nbytes += 2 * W.nbytes + (2 * P.nbytes if r else 0)        # the gather of W_i; P and dP
+        work["head"] = [flops, nbytes]
+    if train_embed:                                                   # the lookup's gradient, into dE
+        work["embedding backward"] = [B * T * C, 4 * B * T * C * f]
+    trained = sum(p.size for k_, p in model.params.items() if train_embed or k_ != "embed.w")
+    work["AdamW update"] = [12 * trained, 7 * f * trained]           # read p, g, m, v; write p, m, v
+    return {k: [float(fl), float(by)] for k, (fl, by) in work.items()}
+
+
+def bound_s(work, gemm_gflops, bandwidth_gbs, cores):
+    """The time the step's work needs: sum over the parts of max(FLOPs / rate, bytes / bandwidth),
+    shared by `cores` cores (rate and bandwidth of one core)."""
+    return sum(max(fl / (gemm_gflops * 1e9), by / (bandwidth_gbs * 1e9)) for fl, by in work.values()) / cores
 
 
 def bench_head(batch_size=8, seq_len=256, repeat=5, seed=0):
@@ -191,7 +257,7 @@ def _subprocess_json(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--head", choices=["full", "hier"], help="one configuration only (default: all)")
+    ap.add_argument("--head", choices=["full", "hier", "adaptive"], help="one configuration only (default: all)")
     ap.add_argument("--loss-frac", type=float, default=1.0, help="fraction of positions in the loss (default 1.0)")
     ap.add_argument("--freeze-embed", action="store_true", help="no embedding gradient (default: trained)")
     ap.add_argument("--batch-size", type=int, default=8, help="default 8")
@@ -202,7 +268,8 @@ def main(argv=None):
     ap.add_argument("--peer", nargs="?", const=sys.executable, metavar="PYTHON",
                     help="also run the PyTorch peer (tools/torch_peer.py), with this python or, without "
                          "PYTHON, this one (pip install -e \".[peer]\")")
-    ap.add_argument("--rounds", type=int, default=3, help="peer and ours in turn, this many times (default 3)")
+    ap.add_argument("--rounds", type=int, default=None, help="with --peer: peer and ours in turn, this many times "
+                    "(default 3); without: every configuration in turn, this many times (default 1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     if a.peer:
@@ -220,36 +287,87 @@ def main(argv=None):
     common = ["--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--steps", str(a.steps)]
     if a.threads:
         common += ["--threads", str(a.threads)]
-    runs = []
-    for name, c in CONFIGS.items():
-        args = ["--head", c["head"], "--loss-frac", str(c["loss_frac"])] + common
-        if not c["train_embed"]:
-            args.append("--freeze-embed")
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        runs.append((name, _subprocess_json(args)))
-    print("bench: full head vs its GEMMs ...", file=sys.stderr, flush=True)
-    bound = _subprocess_json(["--gemm-bound", "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)])
+    rounds = []
+    for k in range(1 if a.peer else (a.rounds or 1)):              # every configuration in turn, each round
+        print(f"bench: round {k + 1}: the machine (one core: GEMM rate, memory bandwidth) ...", file=sys.stderr,
+              flush=True)
+        with blas_threads(1):
+            gemm, bw = machine()
+        runs = {}
+        for name, c in CONFIGS.items():
+            args = ["--head", c["head"], "--loss-frac", str(c["loss_frac"])] + common
+            if not c["train_embed"]:
+                args.append("--freeze-embed")
+            print(f"bench: round {k + 1}: {name} ...", file=sys.stderr, flush=True)
+            r = runs[name] = _subprocess_json(args)
+            bound = bound_s(r["work"], gemm, bw, r["workers"])
+            r["bound_tokens_per_s"] = round(r["batch_size"] * r["seq_len"] / bound, 1)
+        print(f"bench: round {k + 1}: full head vs its GEMMs ...", file=sys.stderr, flush=True)
+        gemms = _subprocess_json(["--gemm-bound", "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)])
+        rounds.append({"gemm_gflops": round(gemm, 1), "bandwidth_gbs": round(bw, 1), "runs": runs,
+                       "head_vs_gemms": gemms,
+                       "ratios": {k_: round(runs[x]["tokens_per_s"] / runs[y]["tokens_per_s"], 3)
+                                  for k_, (x, y) in RATIOS.items()}})
     peer = None
     if a.peer:
-        peer = peer_rounds(a.peer, common, a.batch_size, a.seq_len, a.rounds)
+        peer = peer_rounds(a.peer, common, a.batch_size, a.seq_len, a.rounds or 3)
     if a.json:
-        print(json.dumps({"runs": dict(runs), "head_vs_gemms": bound, "peer_tokens_per_s": peer}))
+        print(json.dumps({"rounds": rounds, "peer_tokens_per_s": peer}))
     else:
-        print(_table(runs, bound, peer))
+        print(_table(rounds, peer=peer))
 
 
-def _table(runs, bound=None, peer=None):
-    names = ["embedding", "convmixer", "glu", "norms", "head forward", "head backward", "optimizer"]
-    lines = [f"{'config':<10} {'tok/s':>8} {'step s':>7} {'mem MB':>7}  " + "  ".join(f"{n:>8.8}" for n in names) + "  other"]
-    for name, r in runs:
+# the targets of the head laboratory (issue 16), as ratios of two configurations' tokens/s
+RATIOS = {"adaptive / full": ("adaptive", "full"), "adaptive / full-25%": ("adaptive", "full-25%"),
+          "hier / core": ("hier", "core")}
+NAMES = ["embedding", "convmixer", "glu", "norms", "head forward", "head backward", "optimizer"]
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+
+def _table(rounds, peer=None):
+    """One configuration's run (a list of (name, run)), or the rounds of every configuration."""
+    if isinstance(rounds[0], tuple):
+        rounds = [{"runs": dict(rounds)}]
+    last = rounds[-1]
+    lines = []
+    if "gemm_gflops" in last:
+        gemm = ", ".join(f"{r['gemm_gflops']:.0f}" for r in rounds)
+        bw = ", ".join(f"{r['bandwidth_gbs']:.1f}" for r in rounds)
+        lines.append(f"machine (one core, measured in each round): GEMM {gemm} GFLOP/s, memory {bw} GB/s")
+    lines.append(f"{'config':<10} {'tok/s':>8} {'bound':>8} {'of bound':>8} {'step s':>7} {'mem MB':>7}  "
+                 + "  ".join(f"{n:>8.8}" for n in NAMES) + "  other   head")
+    for name in last["runs"]:
+        rs = [r["runs"][name] for r in rounds]
+        tps = _median([r["tokens_per_s"] for r in rs])
+        r = last["runs"][name]
         sh = r["shares"]
-        other = 1.0 - sum(sh.get(n, 0.0) for n in names)
-        lines.append(f"{name:<10} {r['tokens_per_s']:>8,.0f} {r['step_s']:>7.3f} {r['peak_rss_mb']:>7.0f}  "
-                     + "  ".join(f"{100 * sh.get(n, 0.0):>7.1f}%" for n in names) + f"  {100 * other:.1f}%")
-    if bound:
-        lines.append(f"full head alone {bound['head_s']:.3f} s vs its 3 GEMMs {bound['gemm_bound_s']:.3f} s "
-                     f"({bound['gemm_gflops']:.0f} GFLOP/s; {bound['gemm_blas_threads_s']:.3f} s with BLAS threads, "
-                     f"{bound['gemm_sharded_s']:.3f} s split by rows): {100 * bound['head_efficiency']:.0f}% of the bound")
+        other = 1.0 - sum(sh.get(n, 0.0) for n in NAMES)
+        head = sh.get("head forward", 0.0) + sh.get("head backward", 0.0)
+        if "bound_tokens_per_s" in r:
+            bound = _median([x["bound_tokens_per_s"] for x in rs])
+            b = f"{bound:>8,.0f} {100 * _median([x['tokens_per_s'] / x['bound_tokens_per_s'] for x in rs]):>7.0f}%"
+        else:
+            b = f"{'':>8} {'':>8}"
+        lines.append(f"{name:<10} {tps:>8,.0f} {b} {r['step_s']:>7.3f} {r['peak_rss_mb']:>7.0f}  "
+                     + "  ".join(f"{100 * sh.get(n, 0.0):>7.1f}%" for n in NAMES)
+                     + f"  {100 * other:>5.1f}%  {100 * head:>5.1f}%")
+    if len(rounds) > 1:
+        by = lambda name: ", ".join(f"{r['runs'][name]['tokens_per_s']:,.0f}" for r in rounds)
+        lines.append("tok/s by round: " + "; ".join(f"{name} {by(name)}" for name in last["runs"]))
+    if "ratios" in last:
+        for k in RATIOS:
+            xs = [r["ratios"][k] for r in rounds]
+            lines.append(f"{k:<20} {', '.join(f'{x:.2f}' for x in xs)} by round (median {_median(xs):.2f})")
+    for r in rounds:
+        g = r.get("head_vs_gemms")
+        if g:
+            lines.append(f"full head alone {g['head_s']:.3f} s vs its 3 GEMMs {g['gemm_bound_s']:.3f} s "
+                         f"({g['gemm_gflops']:.0f} GFLOP/s; {g['gemm_blas_threads_s']:.3f} s with BLAS threads, "
+                         f"{g['gemm_sharded_s']:.3f} s split by rows): {100 * g['head_efficiency']:.0f}% of the bound")
     if peer:
         for name, p in peer.items():
             lines.append(f"{name:<5} PyTorch peer {', '.join(f'{x:,.0f}' for x in p['peer_tokens_per_s'])} tok/s | "
