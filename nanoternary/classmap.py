@@ -124,27 +124,12 @@ class ClusterMap:
     rank (V,)          the frequency rank of every token (torch.nn.AdaptiveLogSoftmaxWithLoss's
                        target numbering)
 
-    Cost, and the default split DEFAULT_CUTOFFS = (4096, 16384, 50257) with div 4. A row costs
-    S + J dot products of width d in the head, and a row whose target is in tail i adds
-    d d_i + n_i d_i multiply-adds (d_i = d / div^i); in training only those rows go through tail i,
-    so per row, on average,
-        d (S + J) + sum_i share_i (d d_i + n_i d_i),     share_i = the fraction of targets in tail i.
-    For d = 256, in multiply-adds per row (the full head: 12.9M), on GPT-2 tokens of English text
-    (the Python 3.11 documentation, 3.5M tokens, the map from its counts) and on `default`'s prior:
-        cutoffs               text: cost   shortlist's share    prior: cost   shortlist's share
-        (2048, 8192, V)        0.58M (22x)       89%              0.74M (17x)       62%
-        (4096, 16384, V)       1.10M (12x)       94%              1.25M (10x)       70%
-        (8192, 32768, V)       2.14M ( 6x)       97%              2.37M ( 5x)       78%
-    The head's GEMM is nearly all of it (the tails cost 0.05M of the 1.10M on text). Measured
-    (fast/adaptive_head.py and the tie, forward and backward of 2,048 rows of text, CPU time on one
-    core, against fast/head.py's full head, in one sitting with a one-off script while building
-    this head, issue 16): 17.6x, 10.9x and 6.0x the full head's speed. And in a
-    small learning test (a bigram model h = RMSNorm(E[x] @ A) with this head tied to E, 600 AdamW
-    steps of 2,048 tokens on the same text), the validation NLL after equal steps was 4.270 with
-    4096 and 4.282 with 2048. We take 4096: 94% of the targets of real text get a full-width vector
-    and a softmax over all of the shortlist, the head is still 11x cheaper than the full one (so
-    the step is dominated by the core, not the head), and the narrow tails cost almost nothing.
-    2048 is the choice when the head's cost matters more than the last 0.01 nats.
+    Cost: a row costs S + J dot products of width d in the head, and a row whose target is in tail
+    i adds d d_i + n_i d_i multiply-adds (d_i = d / div^i); in training only those rows go through
+    tail i, so per row, on average, d (S + J) + sum_i share_i (d d_i + n_i d_i), share_i the fraction
+    of targets in tail i. The default split, DEFAULT_CUTOFFS = (4096, 16384, 50257) with div 4: 94%
+    of English text's targets in the shortlist, 1.09M multiply-adds per row against the full head's
+    12.87M. docs/heads.md has the measurements behind it (tools/adaptive_lab.py).
     """
 
     def __init__(self, order, cutoffs):

@@ -22,8 +22,8 @@ import numpy as np
 
 def split_params(params):
     """-> (NorMuon's names, AdamW's names). NorMuon gets the 2-D weights of the core (the ternary
-    latents mix.out, glu.gate, glu.up, glu.down); AdamW the rest: the tied embedding and the hier
-    head's class vectors (orthogonalising a matrix whose rows are tokens makes no sense), the 3-D
+    latents mix.out, glu.gate, glu.up, glu.down); AdamW the rest: the tied embedding and the heads'
+    own weights (orthogonalising a matrix whose rows are tokens makes no sense), the 3-D
     conv kernels and the 1-D gains."""
     muon = [k for k, p in params.items() if p.ndim == 2 and k.split(".")[0] not in ("embed", "head")]
     return muon, [k for k in params if k not in muon]

@@ -4,7 +4,9 @@
                   as Model.loss_and_grads / Model.nll, proven equal by tests/test_fast.py
     head.py       the full head fused and chunked (never holds the (N, V) logits)
     hier_head.py  the hierarchical head split by classes between cores
+    adaptive_head.py  the adaptive head fused, its rows split between cores
     optim.py      the optimizers' elementwise updates in cache-sized pieces, shared between cores
+                  (AdamW's as one compiled loop with numba, the optional extra "fast")
     threads.py    the thread pool and the BLAS thread count (threadpoolctl)
     dist.py       data parallelism across processes and machines: MPI (mpiexec -n N python train.py)
     profile.py    where the time goes: timed sections, and the model's functions wrapped from outside

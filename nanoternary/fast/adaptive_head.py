@@ -15,27 +15,29 @@ GEMMs and the one-hot and uniform terms are added to dx and dW directly,
     dx = a * (P @ W) - (1-eps)/denom W[y] - eps/(m denom) sum_v W_v
     dW = P^T @ (a * x) - (1-eps)/denom x at the rows y - eps/(m denom) sum_n x_n
 
-The head's (rows, S + J) logits are computed `chunk` rows at a time in fast/head.py's kept buffer:
-1,024 rows x 4,098 logits x 4 bytes = 17 MB per thread for the default split. The tails'
-logits go into a second kept buffer (_tail_scratch): a fresh array per step would pay its page
-faults again every step.
+The head's (rows, S + J) logits are computed `chunk` rows at a time in a buffer kept per thread
+between calls (_kept): 1,024 rows x 4,098 logits x 4 bytes = 17 MB for the default split. The tails'
+logits go into a second one: a fresh array per step would pay its page faults again every step.
+(Buffers of their own, not fast/head.py's: a process that runs both heads, as tools/bench does,
+would otherwise swap the full head's 206 MB buffer for a small one and back at every step.)
 """
 import threading
 
 import numpy as np
 
-from .head import DEFAULT_CHUNK, SAFE_LOGIT, _exp_inplace, _scratch, max_row_norm
+from .head import DEFAULT_CHUNK, SAFE_LOGIT, _exp_inplace, max_row_norm
 from .profile import section
 from .threads import run_shards, split
 
 _buffers = threading.local()
 
 
-def _tail_scratch(n, m, dtype):
-    """An (n, m) buffer for a tail's logits, kept per thread between calls (as head._scratch)."""
-    buf = getattr(_buffers, "buf", None)
+def _kept(name, n, m, dtype):
+    """An (n, m) buffer for logits, kept per thread between calls under `name` (as head._scratch)."""
+    buf = getattr(_buffers, name, None)
     if buf is None or buf.dtype != dtype or buf.size < n * m:
-        buf = _buffers.buf = np.empty(max(n * m, 1), dtype=dtype)
+        buf = np.empty(max(n * m, 1), dtype=dtype)
+        setattr(_buffers, name, buf)
     return buf[:n * m].reshape(n, m)
 
 
@@ -106,7 +108,7 @@ def adaptive_ce_fused(h, W_head, tails, cmap, targets, rows=None, label_smoothin
         dWh = np.zeros_like(W_head)
         loss = 0.0
         bound = _bound(max_row_norm(x), norms_head)
-        buf = _scratch(min(chunk, max(hi - lo, 1)), W_head.shape[0], h.dtype)
+        buf = _kept("head", min(chunk, max(hi - lo, 1)), W_head.shape[0], h.dtype)
         for i in range(0, hi - lo, chunk):                     # the head level, chunk rows at a time
             loss += _level(x[i:i + chunk], W_head, yh[i:i + chunk], eps, z, scale,
                            dx[i:i + chunk], dWh, dW_from, bound, buf)
@@ -123,7 +125,7 @@ def adaptive_ce_fused(h, W_head, tails, cmap, targets, rows=None, label_smoothin
             dz = np.empty_like(zr)
             loss += _level(zr, W, pos[r], eps, z, scale, dz, dW, 0,
                            _bound(max_row_norm(zr), norms_tail[t - 1]),
-                           _tail_scratch(r.size, W.shape[0], h.dtype))
+                           _kept("tail", r.size, W.shape[0], h.dtype))
             with section("head backward"):
                 dhs[r] += dz @ P                               # r: distinct rows
                 dts.append((dz.T @ xr, dW))

@@ -11,7 +11,8 @@ split (the cluster map train.py would make) and targets from its validation spli
 split  For each set of cutoffs (d = 256, div 4): the multiply-adds of one row in training,
        d (S + J) + sum_i share_i (d d_i + n_i d_i) (ops/adaptive_head.py), against the full head's
        d V, and the share of the targets the shortlist scores at full width; on the text, and on the
-       Zipf prior a model made without data uses (classmap.ClusterMap.default).
+       Zipf prior a model made without data uses (classmap.ClusterMap.default); and the hier head's
+       C (K + |S_c|) with its 224 classes made the same ways, for comparison.
 speed  The head's forward and backward for 2,048 rows of text on one core (BLAS at one thread), the
        tie included (adaptive_weights, the fused op, adaptive_weight_grads), against the fused full
        head (fast/head.py) on the same rows: best of --repeat timings, taken in turn.
@@ -27,7 +28,7 @@ import time
 
 import numpy as np
 
-from ..classmap import ClusterMap
+from ..classmap import ClassMap, ClusterMap
 from ..data import prepare
 from ..fast.adaptive_head import adaptive_ce_fused
 from ..fast.head import softmax_ce_fused
@@ -77,6 +78,13 @@ def split(args):
         print(f"{str(r['cutoffs']):<22} {r['text_cost'] / 1e6:>9.2f}M ({full / r['text_cost']:>4.1f}x) "
               f"{100 * r['text_shortlist_share']:>9.0f}% {r['prior_cost'] / 1e6:>10.2f}M ({full / r['prior_cost']:>4.1f}x) "
               f"{100 * r['prior_shortlist_share']:>9.0f}%")
+    hier_text = ClassMap.from_counts(counts, 224)
+    hier_prior = ClassMap.default(50257, 224)
+    size = lambda cm: np.diff(cm.offsets)[cm.token_class]                # the class size of every token
+    mac_text = C * (224 + size(hier_text)[y].mean())
+    mac_prior = C * (224 + (prior * size(hier_prior)).sum() / prior.sum())
+    print(f"{'hier head, 224 classes':<22} {mac_text / 1e6:>9.2f}M ({full / mac_text:>4.0f}x) {'':>10} "
+          f"{mac_prior / 1e6:>10.2f}M ({full / mac_prior:>4.0f}x)")
     print(f"the full head: {full / 1e6:.2f}M multiply-adds per row")
 
 
@@ -168,11 +176,14 @@ def learn(args):
     tokens, val = np.asarray(d.train), np.asarray(d.val[:32769])
     runs = [((4096, 16384, 50257), False), ((2048, 8192, 50257), False), ((8192, 32768, 50257), False),
             ((4096, 16384, 50257), True)]
-    print(f"data: {d.path}; {args.steps} AdamW steps of 2,048 pairs; validation NLL over {val.size - 1:,} pairs")
+    if args.only:
+        runs = [r for r in runs if str(r[0][0]) == args.only.split(",")[0] and r[1] == ("untied" in args.only)]
+    print(f"data: {d.path}; {args.steps} AdamW steps of 2,048 pairs; validation NLL over {val.size - 1:,} pairs; "
+          f"seed {args.seed}")
     out = []
     for cutoffs, untied in runs:
         t0 = time.time()
-        nll = bigram(counts, cutoffs, untied, args.steps, tokens, val)
+        nll = bigram(counts, cutoffs, untied, args.steps, tokens, val, args.seed)
         out.append({"cutoffs": cutoffs, "untied": untied, "val_nll": round(nll, 4)})
         print(f"{str(cutoffs):<22} {'untied W_i' if untied else 'tied':<11} val NLL {nll:.4f}  ({time.time() - t0:.0f} s)",
               flush=True)
@@ -187,6 +198,9 @@ def main(argv=None):
                     help="text files (default: train.py's default data)")
     ap.add_argument("--repeat", type=int, default=5, help="speed: timings per head (default 5)")
     ap.add_argument("--steps", type=int, default=600, help="learn: AdamW steps per run (default 600)")
+    ap.add_argument("--seed", type=int, default=0, help="learn: the initial weights and the batches (default 0)")
+    ap.add_argument("--only", default=None, metavar="S[,untied]", help="learn: only the run of shortlist S "
+                    "(2048, 4096 or 8192), tied unless ',untied' follows")
     ap.add_argument("--json", action="store_true", help="learn: also one JSON line")
     args = ap.parse_args(argv)
     {"split": split, "speed": speed, "learn": learn}[args.what](args)

@@ -1,7 +1,7 @@
 """Training-step benchmark: tokens/s, where the time goes, and the bounds to compare with.
 
     python -m nanoternary.tools.bench                         # every configuration, as a table
-    python -m nanoternary.tools.bench --rounds 3              # ... in turn, 3 times (a loaded machine)
+    python -m nanoternary.tools.bench --interleave 9          # ... and one step of each in turn, 9 times
     python -m nanoternary.tools.bench --head adaptive --loss-frac 1 --json   # one configuration, JSON
     python -m nanoternary.tools.bench --gemm-bound            # the fused full head against its 3 GEMMs
     python -m nanoternary.tools.bench --peer                  # and the PyTorch peer, same sitting
@@ -38,7 +38,10 @@ With --peer, the PyTorch peer's full step and core step run in turn with ours, -
 the ratios are taken round by round: these machines are shared and noisy (the same command can
 vary by 30% from one minute to the next), so only figures measured side by side compare. For the
 same reason `--rounds R` without --peer runs every configuration in turn R times and prints each
-round's ratios (adaptive / full, adaptive / full-25%, hier / core) and the medians.
+round's ratios (adaptive / full, adaptive / full-25%, hier / core) and the medians; and
+`--interleave R` builds every configuration in one process and times one step of each in turn, R
+times, so that the steps compared are seconds apart, not minutes: the table's tok/s and ratios
+then come from those steps (each configuration's median; the ratios round by round).
 """
 import argparse
 import json
@@ -76,10 +79,9 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_len=256, steps=5,
-               warmup=2, seed=0, threads=None):
-    """Time training steps of the reference model: one JSON-able dict."""
-    set_threads(threads)
+def make_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_len=256, seed=0):
+    """-> (step, model, targets): step() runs one training step of the reference model on a fixed
+    batch of Zipf-distributed tokens."""
     model = Model(ModelConfig(head=head), seed=seed)
     rng = np.random.default_rng(seed)
     idx = zipf_tokens(rng, (batch_size, seq_len))
@@ -91,7 +93,14 @@ def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_l
         with profile.section("optimizer"):
             opt.step(model.params, grads)
         return loss
+    return step, model, tgt
 
+
+def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_len=256, steps=5,
+               warmup=2, seed=0, threads=None):
+    """Time training steps of the reference model: one JSON-able dict."""
+    set_threads(threads)
+    step, model, tgt = make_step(head, loss_frac, train_embed, batch_size, seq_len, seed)
     for _ in range(warmup):
         step()
     times = []
@@ -114,6 +123,26 @@ def bench_step(head="full", loss_frac=1.0, train_embed=True, batch_size=8, seq_l
         "peak_rss_mb": round(peak, 1),
         "work": step_work(model, tgt, loss_frac, train_embed, default_workers()),
     }
+
+
+def interleaved(rounds, batch_size=8, seq_len=256, threads=None):
+    """Every configuration's step in one process, one step of each in turn, `rounds` times: on a
+    loaded machine the steps of one round are seconds apart, so their ratios hold when the machine's
+    speed drifts from minute to minute. -> {config: [seconds of each round's step]}."""
+    set_threads(threads)
+    steps = {name: make_step(c["head"], c["loss_frac"], c["train_embed"], batch_size, seq_len)[0]
+             for name, c in CONFIGS.items()}
+    for step in steps.values():                # warm up: buffers, numba's compiled loop
+        step()
+        step()
+    times = {name: [] for name in steps}
+    for k in range(rounds):
+        print(f"bench: interleaved round {k + 1}/{rounds} ...", file=sys.stderr, flush=True)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def step_work(model, tgt, loss_frac, train_embed, cores):
@@ -270,6 +299,9 @@ def main(argv=None):
                          "PYTHON, this one (pip install -e \".[peer]\")")
     ap.add_argument("--rounds", type=int, default=None, help="with --peer: peer and ours in turn, this many times "
                     "(default 3); without: every configuration in turn, this many times (default 1)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="also time one step of each configuration in turn, R times, in one process, and take "
+                         "tok/s and the ratios from those (a loaded machine)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     if a.peer:
@@ -308,6 +340,13 @@ def main(argv=None):
                        "head_vs_gemms": gemms,
                        "ratios": {k_: round(runs[x]["tokens_per_s"] / runs[y]["tokens_per_s"], 3)
                                   for k_, (x, y) in RATIOS.items()}})
+    if a.interleave:
+        times = interleaved(a.interleave, a.batch_size, a.seq_len, a.threads)
+        n = a.batch_size * a.seq_len
+        ratios = {k: [times[y][i] / times[x][i] for i in range(a.interleave)] for k, (x, y) in RATIOS.items()}
+        rounds.append({"interleaved": {name: [round(n / t, 1) for t in ts] for name, ts in times.items()},
+                       "ratios": {k: round(_median(v), 3) for k, v in ratios.items()},
+                       "ratios_by_round": {k: [round(x, 3) for x in v] for k, v in ratios.items()}})
     peer = None
     if a.peer:
         peer = peer_rounds(a.peer, common, a.batch_size, a.seq_len, a.rounds or 3)
@@ -332,6 +371,8 @@ def _table(rounds, peer=None):
     """One configuration's run (a list of (name, run)), or the rounds of every configuration."""
     if isinstance(rounds[0], tuple):
         rounds = [{"runs": dict(rounds)}]
+    inter = rounds[-1] if "interleaved" in rounds[-1] else None
+    rounds = [r for r in rounds if "runs" in r]
     last = rounds[-1]
     lines = []
     if "gemm_gflops" in last:
@@ -342,14 +383,14 @@ def _table(rounds, peer=None):
                  + "  ".join(f"{n:>8.8}" for n in NAMES) + "  other   head")
     for name in last["runs"]:
         rs = [r["runs"][name] for r in rounds]
-        tps = _median([r["tokens_per_s"] for r in rs])
+        tps = _median(inter["interleaved"][name] if inter else [r["tokens_per_s"] for r in rs])
         r = last["runs"][name]
         sh = r["shares"]
         other = 1.0 - sum(sh.get(n, 0.0) for n in NAMES)
         head = sh.get("head forward", 0.0) + sh.get("head backward", 0.0)
         if "bound_tokens_per_s" in r:
             bound = _median([x["bound_tokens_per_s"] for x in rs])
-            b = f"{bound:>8,.0f} {100 * _median([x['tokens_per_s'] / x['bound_tokens_per_s'] for x in rs]):>7.0f}%"
+            b = f"{bound:>8,.0f} {100 * tps / bound:>7.0f}%"
         else:
             b = f"{'':>8} {'':>8}"
         lines.append(f"{name:<10} {tps:>8,.0f} {b} {r['step_s']:>7.3f} {r['peak_rss_mb']:>7.0f}  "
@@ -358,7 +399,14 @@ def _table(rounds, peer=None):
     if len(rounds) > 1:
         by = lambda name: ", ".join(f"{r['runs'][name]['tokens_per_s']:,.0f}" for r in rounds)
         lines.append("tok/s by round: " + "; ".join(f"{name} {by(name)}" for name in last["runs"]))
-    if "ratios" in last:
+    if inter:
+        by = lambda name: ", ".join(f"{x:,.0f}" for x in inter["interleaved"][name])
+        lines.append("tok/s, one step of each in turn (interleaved): " + "; ".join(f"{name} {by(name)}"
+                                                                                  for name in inter["interleaved"]))
+        for k, xs in inter["ratios_by_round"].items():
+            lines.append(f"{k:<20} {', '.join(f'{x:.2f}' for x in xs)} by interleaved round "
+                         f"(median {_median(xs):.2f})")
+    elif "ratios" in last:
         for k in RATIOS:
             xs = [r["ratios"][k] for r in rounds]
             lines.append(f"{k:<20} {', '.join(f'{x:.2f}' for x in xs)} by round (median {_median(xs):.2f})")
