@@ -46,6 +46,7 @@ class TrainConfig:
     data_tokens: int = setting(None, "cap on tokens read (default: all; FineWeb-Edu: 32M)", range="[1, inf)")
     val_fraction: float = setting(0.05, "documents held out for validation [0.05]", range="(0, 1)")
     data_seed: int = setting(0, "seeds the train/validation split (the same for any --seed)", range="[0, inf)")
+    cache_dir: str = setting("data", "where the token caches go (data/tokens/)")
     batch_size: int = setting(8, "sequences per micro-batch, all processes together", range="[1, inf)",
                               group="batches")
     seq_len: int = setting(256, "tokens per sequence (and per validation window)", range="[1, inf)")
@@ -78,6 +79,7 @@ class TrainConfig:
     log_interval: int = setting(10, "steps between log lines", range="[1, inf)")
     save_interval: int = setting(200, "steps between checkpoints", range="[1, inf)")
     out: str = setting("out", "run folder")
+    run_id: str = setting(None, "names the run in its checkpoints (a resume never mixes two runs)", cli=False)
     seed: int = setting(0, "seeds the init, the batches and the counted positions", range="[0, inf)",
                         group="machine")
     threads: int = setting(0, "cores per process, 0: all (under mpiexec: shared by the machine's processes)",

@@ -29,30 +29,50 @@ continues with the same losses as one that was never stopped (tests/test_train.p
 import argparse
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import signal
 import sys
 import time
+import threading
 import traceback
+import warnings
 
 import numpy as np
 
 from . import config, runlog
-from .checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_optimizers, model_from_state,
-                         optimizers_state, save_checkpoint)
+from .caches import same_tokens
+from .checkpoint import (BEST, LATEST, CheckpointError, check_resumable, load_checkpoint, load_optimizers,
+                         model_from_state, optimizers_state, read_npz, save_checkpoint)
 from .data import DataError, prepare
 from .fast import dist, profile
 from .fast.threads import available_cores, default_workers, set_threads
-from .fileio import FolderBusy, folder_lock, remove_stale_temps
+from .resources import check_memory, check_threads, human
+from .runfolder import RUN_FILES, check_resume, commit, new_run_id, resume_target, run_folder  # noqa: F401
+from .sources import expand_paths
 
-CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out", "plain")   # may differ on --resume
-RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png")
+# may differ on --resume: the run length, the machine, and where the data is (the same bytes are
+# checked by content: caches.same_tokens)
+CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out", "plain", "data", "cache_dir")
 ONE_LINE = (DataError, CheckpointError, ValueError, OSError)     # errors that say what is wrong and what to do
 
 
 class Diverged(Exception):
     """The run must stop without saving: a non-finite loss, gradient norm or weight."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or a second Ctrl-C) that stops the run at once; `signum` gives the exit status."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _brief(paths, limit=120):
+    text = ", ".join(map(str, paths)) if isinstance(paths, (list, tuple)) else str(paths)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def fmt_time(seconds):
@@ -68,13 +88,12 @@ class Run:
         self.cfg, self.model_cfg, self.comm, self.show_profile = cfg, model_cfg, comm, show_profile
         set_threads(1 if cfg.plain else cfg.threads)
         self.data = dist.rank0_first(comm, lambda: prepare(cfg.data, max_tokens=cfg.data_tokens, seed=cfg.data_seed,
-                                                           val_fraction=cfg.val_fraction))   # the cache, once
+                                                           val_fraction=cfg.val_fraction,
+                                                           cache_dir=cfg.cache_dir))   # the cache, once
         if self.data.meta["key"] != comm.bcast(self.data.meta["key"]):      # another machine found other data
             raise DataError(f"rank {comm.rank} prepared other data than rank 0 ({self.data.path}): every "
                             f"machine needs the same --data, or a shared data/ folder")
-        if len(self.data.val) < cfg.seq_len + 1:
-            raise DataError(f"the validation split of {self.data.path} has {len(self.data.val)} tokens, "
-                            f"fewer than one window of {cfg.seq_len + 1}: use more data or a larger --val-fraction")
+        check_splits(self.data, cfg)
         self.val_bytes_per_token = self.data.meta["val_bytes"] / max(1, self.data.meta["val_tokens"])
         self.step, self.tokens, self.elapsed_before, self.best_val, self.clock = 0, 0, 0.0, math.inf, 0.0
         self.last_val, self.last_loss, self.pending, self.times = None, None, None, []
@@ -82,14 +101,17 @@ class Run:
         self.last = self.stopped = False
         self.signal, self.old_handlers, self.stack = None, {}, contextlib.ExitStack()
         self.log_path = os.path.join(cfg.out, "log.jsonl") if comm.rank == 0 else None   # rank 0 alone writes
-        self.resumed, self.saved_state, self.where = None, None, resume_from
+        self.resumed, self.saved_state, self.where, self.saved = None, None, resume_from, {}
         if resume_from:                                       # rank 0 reads it, every rank gets it
             self.saved_state = comm.bcast(load_checkpoint(resume_from) if comm.rank == 0 else None)
             params, meta, _, cmap = self.saved_state
-            if meta.get("data", {}).get("key") != self.data.meta["key"]:
+            if not same_tokens(meta.get("data", {}), self.data.meta):             # the same bytes, any path
+                was = meta.get("train", {}).get("data") or meta.get("data", {}).get("path")
+                now = [x.get("path") for x in self.data.meta.get("sources", [])] or self.data.path
                 raise CheckpointError(
-                    f"{resume_from} was trained on {meta.get('data', {}).get('path')} but this run's data is "
-                    f"{self.data.path}: resume with the same --data (and --data-tokens, --val-fraction, --data-seed)")
+                    f"{resume_from} was trained on other tokens ({_brief(was)}) than this run's ({_brief(now)}): "
+                    f"resume with the same --data (the same bytes, by any path), --data-tokens, --val-fraction "
+                    f"and --data-seed")
             self.resumed = (model_from_state(params, meta, cmap, resume_from, cfg.dtype), meta["embed_source"])
 
     def on_rank0(self, fn, *args):
@@ -109,8 +131,9 @@ class Run:
             self.rng.bit_generator.state = meta["rng"]
             model.rng.bit_generator.state = meta["model_rng"]
             self.saved_state = None
-            if self.log_path:
-                runlog.trim(self.log_path, self.step)
+            self.trim_at = self.step                # log records after it: trimmed once this run writes
+            if not comm.bcast(os.path.exists(os.path.join(cfg.out, BEST)) if comm.rank == 0 else None):
+                self.best_val = math.inf            # a folder without best.npz gets one at the first evaluation
             print(f"resuming {self.where} at step {self.step:,} ({self.tokens:,} tokens, "
                   f"{fmt_time(self.elapsed_before)})")
         print(f"data: {self.data.meta['source']} | train {len(self.data.train):,} tokens | "
@@ -131,11 +154,15 @@ class Run:
         self.t0 = time.time()
         self.sync()
         self.last = self.limit_reached()           # a resumed run may have nothing left to do
+        if self.last:
+            print(f"nothing to do: the run is at step {self.step:,}, {self.tokens:,} tokens, "
+                  f"{fmt_time(self.elapsed())}, its limit (--max-steps, --max-tokens or --time-budget): "
+                  f"give a larger one to continue it")
         self.p0 = self.progress()                  # for the ETA
 
     def on_signal(self, signum, frame):
         if self.signal is not None:                # a second Ctrl-C: stop right now
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal}: finishing this step, saving a checkpoint and stopping "
               f"(again to stop at once)", flush=True)
@@ -200,8 +227,17 @@ class Run:
 
     def flush(self):
         if self.pending and self.log_path:
-            runlog.append(self.log_path, self.pending)
+            with self.writing(self.log_path):
+                self.trim_log()
+                runlog.append(self.log_path, self.pending)
         self.pending = None
+
+    def trim_log(self):
+        """A resumed run's log loses the records after its checkpoint's step, once it writes its own
+        (a resume that takes no step changes nothing)."""
+        if getattr(self, "trim_at", None) is not None and self.log_path:
+            runlog.trim(self.log_path, self.trim_at)
+        self.trim_at = None
 
     def evaluated(self, val_loss):
         """The validation loss of the weights after this step: printed with bits per byte (the NLL in
@@ -233,7 +269,7 @@ class Run:
             "best_val": None if math.isinf(self.best_val) else self.best_val, "val_loss": val_loss,
             "embed_source": self.embed_source,
             "rng": self.rng.bit_generator.state, "model_rng": self.model.rng.bit_generator.state,
-            "data": {"key": self.data.meta["key"], "path": self.data.path,
+            "data": {"key": self.data.meta["key"], "path": self.data.path, "crc32": self.data.meta["crc32"],
                      "source": self.data.meta["source"], "train_tokens": self.data.meta["train_tokens"]},
         }
         cmap = self.model.hier.state() if self.model.hier is not None else {}
@@ -248,10 +284,25 @@ class Run:
             params, meta["weights"] = self.opt["ema"].shadow, "ema"
         bad = [k for k, v in params.items() if not np.isfinite(v).all()]
         if bad:
-            raise Diverged(f"step {self.step}: {bad[0]} holds NaN or infinite values (the learning rate is "
-                           f"probably too high); not saving over the last checkpoint")
+            raise Diverged(f"step {self.step}: {bad[0]} holds NaN or infinite values; not saving over the "
+                           f"last checkpoint")
         if self.comm.rank == 0:
-            save_checkpoint(os.path.join(self.cfg.out, name), params, meta, opt, cmap)
+            path = os.path.join(self.cfg.out, name)
+            needed = sum(np.asarray(a).nbytes for part in (params, opt, cmap) for a in part.values())
+            with self.writing(path, needed):
+                self.trim_log()
+                save_checkpoint(path, params, meta, opt, cmap)
+            self.saved[name] = self.step
+            commit(self.cfg.out)                   # an --overwrite's old run can go now (runfolder.py)
+
+    @contextlib.contextmanager
+    def writing(self, path, needed=None):
+        """An OSError while writing `path` (a full disk, a folder made read-only, a quota) becomes
+        one line naming the file, the step, what is intact and what to do."""
+        try:
+            yield
+        except OSError as e:
+            raise CheckpointError(write_failure(e, path, self.step, needed, self.saved, self.cfg.out)) from None
 
     # -------------------------------------------------------------------- the end
 
@@ -274,7 +325,7 @@ class Run:
         status = f"stopped by {self.signal}" if self.stopped else "finished"
         print(f"{status}: {self.step:,} steps, {self.tokens:,} tokens in {fmt_time(self.elapsed())}"
               + (f" | best val loss {self.best_val:.4f}" if math.isfinite(self.best_val) else "")
-              + f" | checkpoints {', '.join(saved)}" + (f" | curves {png}" if png else ""))
+              + (f" | checkpoints {', '.join(saved)}" if saved else " | no checkpoint") + (f" | curves {png}" if png else ""))
         if shares:
             print("where the time went (share of the training steps' CPU time):")
             for k, v in shares.items():
@@ -287,35 +338,79 @@ def _finite(x, digits):
     return round(float(x), digits) if x is not None and math.isfinite(x) else None
 
 
-# ------------------------------------------------------------------------------------------ the folder
+# ------------------------------------------------------------------------------------------ checks and messages
 
 
-@contextlib.contextmanager
-def run_folder(out, resuming=False, overwrite=False):
-    """The run folder `out`, held for the block: made if needed, locked so that a second run on it
-    refuses (fileio.folder_lock), the temporary files of a killed run removed. A new run refuses a
-    folder that holds another run's files, unless `overwrite` (then they are removed first)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"--out {out} is a file, not a folder: choose another --out")
-    with contextlib.ExitStack() as stack:
-        try:
-            os.makedirs(out, exist_ok=True)
-            stack.enter_context(folder_lock(out, "a training run"))
-        except FolderBusy as e:
-            raise CheckpointError(f"--out {e}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot write to --out {out} ({e.strerror or e}): choose a folder "
-                                  f"you can write to") from None
-        for path in remove_stale_temps(out):
-            print(f"removed {path}: a checkpoint that a killed run did not finish writing")
-        old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-        if old and not resuming:
-            if not overwrite:
-                raise CheckpointError(f"{out}/ already holds a run ({', '.join(old)}): continue it with "
-                                      f"--resume, start over with --overwrite, or choose another --out")
-            for f in old:
-                os.remove(os.path.join(out, f))
-        yield out
+def check_splits(data, cfg):
+    """Both splits must hold a window of the longest sequence (seq_len + 1 tokens): a DataError that
+    names the split, the counts and the flag that helps."""
+    T = max(cfg.curriculum or (cfg.seq_len,))
+    m = data.meta
+    what = ", ".join(str(x.get("path")) for x in m.get("sources", []) if isinstance(x, dict))[:200] or data.path
+    if m.get("documents", 2) < 2:
+        raise DataError(f"{what} holds {m.get('documents')} document: a run needs at least 2, one of them for "
+                        f"validation: add documents (a .txt file splits into documents at <|endoftext|>)")
+    for split, tokens, fix in (("validation", len(data.val), "a larger --val-fraction"),
+                               ("training", len(data.train), "a smaller --val-fraction")):
+        if tokens < T + 1:
+            raise DataError(f"the {split} split of {what} has {tokens:,} tokens, fewer than one window of "
+                            f"{T + 1:,} (the longest sequence + 1): use a shorter --seq-len"
+                            f"{' or --curriculum' if cfg.curriculum else ''}, more data or {fix}")
+
+
+def write_failure(e, path, step, needed, saved, out):
+    """The one line for an OSError while writing `path` at `step`: the file, the error, the space free
+    and needed on a full disk, what is intact (the previous checkpoints), and what to do."""
+    free = None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(os.path.dirname(path) or ".")
+        free = st.f_bavail * st.f_frsize
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    intact = [f"{out}/{n} (step {s:,})" for n, s in saved.items()] or \
+             [f"{out}/{n}" for n in (LATEST, BEST) if os.path.exists(os.path.join(out, n))]
+    return (f"cannot write {path} at step {step:,} ({e.strerror or e}"
+            + (f"; {human(free)} free" if free is not None else "")
+            + (f", the checkpoint needs about {human(needed)}" if full and needed else "") + "); "
+            + (f"the previous checkpoint is intact: {', '.join(intact)}" if intact else "no checkpoint was saved yet")
+            + ("; free some space" if full else "; make the folder writable")
+            + (" and continue with --resume" if intact else " and start again"))
+
+
+def suspects(cfg):
+    """What to change after a divergence: the step-size settings furthest above their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    far = sorted(((getattr(cfg, k) / defaults[k], k) for k in ("lr_muon", "lr_adam", "weight_decay", "z_loss")
+                  if defaults.get(k) and getattr(cfg, k, 0) > 10 * defaults[k]), reverse=True)
+    if far:
+        return "the likely cause: " + ", ".join(f"{config.flag(k)} {getattr(cfg, k):g} (default {defaults[k]:g})"
+                                                for _, k in far) + ": start again with lower values"
+    return "lower --lr-muon and --lr-adam (or --warmup longer) and start again"
+
+
+def preflight(settings_, comm):
+    """Before any work: threads and memory against this machine (resources.py). -> settings_."""
+    cfg, model_cfg = settings_[0], settings_[1]
+    if cfg.threads:
+        check_threads(cfg.threads, "--threads")
+    workers = 1 if cfg.plain else (cfg.threads or available_cores())
+    check_memory(cfg, model_cfg, workers, processes=getattr(comm, "local_size", 1))
+    return settings_
+
+
+def batch_split_error(cfg, size):
+    """None, or the one line for a batch that does not split into `size` processes at every length."""
+    lengths = cfg.curriculum or (cfg.seq_len,)
+    for T in lengths:
+        B = max(1, cfg.batch_size * cfg.seq_len // T)
+        if B % size:
+            start = -(-cfg.batch_size // size) * size                   # the multiples of size from here
+            ok = next(b for b in range(start, start + size * max(lengths) * 2 + 1, size)
+                      if all(max(1, b * cfg.seq_len // t) % size == 0 for t in lengths))
+            return (f"--batch-size {cfg.batch_size} (all processes together) is {B} sequence(s) of {T} tokens"
+                    + (" at that curriculum length" if cfg.curriculum else "") + f", which does not split into "
+                    f"{size} equal parts, one per process: use --batch-size {ok}" + (" (the smallest that splits at every length)"
+                                                                    if cfg.curriculum else ""))
+    return None
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -344,48 +439,86 @@ def settings(argv, TrainConfig, ModelConfig):
     the saved configs are used; only the flags in CHANGEABLE may differ from them."""
     args = build_parser(TrainConfig, ModelConfig).parse_args(argv)
     given = config.given_flags(build_parser(TrainConfig, ModelConfig), argv) - {"resume", "profile", "overwrite"}
+    if args.data:                             # saved as absolute paths: the run resumes from any folder
+        args.data = [os.path.abspath(os.path.expanduser(d)) for d in args.data]
     if not args.resume:
-        return (config.from_args(TrainConfig, args), config.from_args(ModelConfig, args), None,
-                args.profile, args.overwrite)
-    path = os.path.join(args.out, LATEST) if args.resume is True else args.resume
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--resume: no checkpoint {path} to resume from; start the run without --resume")
+        return (config.from_args(TrainConfig, args, run_id=new_run_id()), config.from_args(ModelConfig, args),
+                None, args.profile, args.overwrite)
+    path, out = resume_target(args.resume, args.out, "out" in given)
     _, meta, _, _ = load_checkpoint(path)
+    check_resumable(meta, path)
+    run_id = check_resume(out, path, meta, lambda p: read_npz(p)[1])   # never over another run (runfolder.py)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved_train = {k: tuple(v) if isinstance(v, list) and k != "data" else v
-                   for k, v in meta.get("train", {}).items() if k in fields}
+                   for k, v in meta["train"].items() if k in fields}
     if saved_train.get("freeze_embed_steps") == -1:       # how older versions said "the default"
         saved_train["freeze_embed_steps"] = None
-    saved = {**saved_train, **ModelConfig.from_dict(meta["config"]).to_dict()}
-    for k in sorted(given - set(CHANGEABLE)):
-        if getattr(args, k) != saved.get(k):
-            raise CheckpointError(f"--resume: this run was started with {config.flag(k)} {saved.get(k)}, "
-                                  f"not {getattr(args, k)}; to change it, start a new run in another --out")
-    train_cfg = TrainConfig(**{**saved_train, **{k: getattr(args, k) for k in CHANGEABLE if k in given},
-                               "out": args.out})
-    return train_cfg, ModelConfig.from_dict(meta["config"]), path, args.profile, False
+    try:
+        model_cfg = ModelConfig.from_dict(meta["config"])
+        saved = {**saved_train, **model_cfg.to_dict()}
+        for k in sorted(given - set(CHANGEABLE)):
+            if getattr(args, k) != saved.get(k):
+                raise CheckpointError(f"--resume: this run was started with {config.flag(k)} {saved.get(k)}, "
+                                      f"not {getattr(args, k)}; to change it, start a new run in another --out")
+        train_cfg = TrainConfig(**{**saved_train, **{k: getattr(args, k) for k in CHANGEABLE if k in given},
+                                   "out": out, "run_id": run_id})
+    except (TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: its saved settings are damaged ({e}); resume from the run's other "
+                              f"checkpoint") from None
+    if train_cfg.data is not None and (not isinstance(train_cfg.data, list)
+                                       or not all(isinstance(d, str) for d in train_cfg.data)):
+        raise CheckpointError(f"{path}: its saved --data is damaged ({train_cfg.data!r}); pass --data")
+    if train_cfg.data and "data" not in given:
+        try:
+            expand_paths(train_cfg.data)
+        except DataError as e:
+            raise DataError(f"{e}; --resume reads the run's data from where it was ({', '.join(train_cfg.data)}): "
+                            f"if the files moved, pass --data with their new path (the same bytes are the same "
+                            f"data)") from None
+    return train_cfg, model_cfg, path, args.profile, False
 
 
 def main(argv, TrainConfig, ModelConfig, train):
-    """python train.py: train(Run) with the settings of argv; -> the exit status (module docstring)."""
+    """python train.py: train(Run) with the settings of argv; -> the exit status (module docstring).
+    Around the run: output that never fails on a character (config.safe_output), NumPy's warnings
+    kept out of the terminal (a divergence gets its own line), and SIGTERM before training stopping
+    at once, cleanly (Interrupted: the folder settled, status 143)."""
+    config.safe_output()
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return _main(argv, TrainConfig, ModelConfig, train)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def _main(argv, TrainConfig, ModelConfig, train):
     comm = dist.world()                       # the processes mpiexec started, or just this one
     if comm.rank:
         sys.stdout = open(os.devnull, "w")    # rank 0 alone prints
     try:                                      # rank 0 reads the settings (and the checkpoint to resume)
         cfg, model_cfg, resume, show_profile, overwrite = dist.from_rank0(
-            comm, lambda: settings(argv, TrainConfig, ModelConfig), ONE_LINE)
+            comm, lambda: preflight(settings(argv, TrainConfig, ModelConfig), comm), ONE_LINE)
         if cfg.plain and comm.size > 1:
             raise ValueError(f"--plain runs in one process, not {comm.size}: drop --plain or mpiexec")
-        for T in cfg.curriculum or (cfg.seq_len,):
-            if (cfg.batch_size * cfg.seq_len // T) % comm.size:
-                raise ValueError(f"--batch-size {cfg.batch_size} (all processes together) does not split into "
-                                 f"{comm.size} equal parts at sequence length {T}: use a multiple of {comm.size}")
+        if batch_split_error(cfg, comm.size):
+            raise ValueError(batch_split_error(cfg, comm.size))
     except ONE_LINE as e:                     # the same on every rank
         if comm.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
     if comm.size > 1 and not cfg.threads:     # the machine's cores, shared by its processes
         cfg.threads = max(1, available_cores() // comm.local_size)
+    r = None
     try:
         with run_folder(cfg.out, resume is not None, overwrite) if comm.rank == 0 else contextlib.nullcontext():
             comm.barrier()                    # rank 0 holds --out (locked: one run per --out)
@@ -393,10 +526,12 @@ def main(argv, TrainConfig, ModelConfig, train):
             try:
                 train(r)
             except Diverged as e:
-                last = os.path.join(cfg.out, LATEST)
-                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved"
+                with contextlib.suppress(CheckpointError):
+                    r.flush()                 # the log keeps the steps before (non-finite values as null)
+                kept = [os.path.join(cfg.out, n) for n in (LATEST, BEST) if os.path.exists(os.path.join(cfg.out, n))]
+                kept = f"the last good checkpoints: {', '.join(kept)}" if kept else "no checkpoint was saved"
                 if comm.rank == 0:
-                    print(f"error: {e}; stopping ({kept})", file=sys.stderr)
+                    print(f"error: {e}; stopping ({kept}); {suspects(cfg)}", file=sys.stderr)
                 return 1
             finally:
                 r.close()
@@ -404,10 +539,17 @@ def main(argv, TrainConfig, ModelConfig, train):
     except ONE_LINE as e:
         comm.fail(f"error: {e}")              # with several processes: all of them stop
         return 1
-    except KeyboardInterrupt:                 # before training started, or a second Ctrl-C
-        comm.fail("\ninterrupted: stopped at once; checkpoints already saved are intact", 130)
-        return 130
+    except KeyboardInterrupt as e:            # before training started, or a second Ctrl-C or SIGTERM
+        code = 128 + getattr(e, "signum", signal.SIGINT)          # 130 after SIGINT, 143 after SIGTERM
+        saved = [f"{cfg.out}/{n}" for n in (LATEST, BEST) if os.path.exists(os.path.join(cfg.out, n))]
+        comm.fail("\ninterrupted: stopped at once; " + (f"the checkpoints saved are intact ({', '.join(saved)})"
+                                                        if saved else "no checkpoint was saved"), code)
+        return code
     except Exception as e:                    # a bug, or the machine
+        if comm.size == 1 and isinstance(e, MemoryError):     # the estimate passed, the machine disagreed
+            print(f"error: out of memory at step {getattr(r, 'step', 0):,} ({e or 'MemoryError'}): lower "
+                  f"--batch-size or --seq-len, or free memory; the checkpoints saved are intact", file=sys.stderr)
+            return 1
         if comm.size == 1:
             raise
         traceback.print_exc()
