@@ -2,8 +2,10 @@
 
     python train.py ...         ->  run.main(argv, TrainConfig, ModelConfig, train)
 
-main() reads the settings (or, on --resume, the checkpoint's), holds the run folder (one run per
---out, a lock naming its holder), prepares the data, calls train(r) with a Run `r`, and turns
+main() reads the settings (or, on --resume, the checkpoint's), checks them against the machine
+(memory and threads: resources.py), holds the run folder (one run per --out, a lock naming its
+holder, no run ever lost to another: runfolder.py), prepares the data, calls train(r) with a Run
+`r`, and turns
 every way a run can end into one line and an exit status: 0 when it ended as asked (steps,
 tokens, time budget), 130 after SIGINT (Ctrl-C) and 143 after SIGTERM once the checkpoint is
 saved, 1 on errors.
@@ -440,8 +442,8 @@ def settings(argv, TrainConfig, ModelConfig):
     args = build_parser(TrainConfig, ModelConfig).parse_args(argv)
     given = config.given_flags(build_parser(TrainConfig, ModelConfig), argv) - {"resume", "profile", "overwrite"}
     if args.data:                             # saved as absolute paths: the run resumes from any folder
-        args.data = [os.path.abspath(os.path.expanduser(d)) for d in args.data]
-    if not args.resume:
+        args.data = [os.path.abspath(os.path.expanduser(d)) if d else d for d in args.data]
+    if args.resume is None:
         return (config.from_args(TrainConfig, args, run_id=new_run_id()), config.from_args(ModelConfig, args),
                 None, args.profile, args.overwrite)
     path, out = resume_target(args.resume, args.out, "out" in given)

@@ -97,6 +97,8 @@ def expand_paths(data):
     files, seen = [], set()
     for pattern in map(os.fspath, patterns):
         path = os.path.expanduser(pattern)
+        if not pattern:
+            raise DataError("an empty path in --data: pass a file, or a glob such as 'corpus/*.parquet'")
         if os.path.lexists(path):
             if os.path.isdir(path):
                 raise DataError(f"{pattern}: is a directory; pass a glob such as "

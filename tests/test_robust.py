@@ -588,6 +588,15 @@ def test_token_files_survive_a_kill_just_before_meta_json(corpus, capsys):
     assert os.path.exists(os.path.join(data.path, "meta.json"))
 
 
+def test_a_reader_that_goes_away_is_no_error(corpus):
+    """`python -m nanoternary.data ... | head -1`: the pipe closes before the table is printed."""
+    p = subprocess.Popen([sys.executable, "-m", "nanoternary.data", "--data", corpus, "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=os.getcwd())
+    p.stdout.close()                                      # the reader is gone before the output comes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
 def test_a_dictionary_encoded_text_column(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     texts = ["the cat sat on the mat", "a dog", "the cat sat on the mat"] * 10
