@@ -311,13 +311,23 @@ def load_optimizer_state(opt, d, where="checkpoint"):
     if missing or extra:
         raise CheckpointError(f"{where}: the {opt.kind} state does not fit this model: missing {missing[:3]}, "
                               f"unexpected {extra[:3]}")
-    for k, live in arrays.items():
-        saved = np.asarray(d[k])
-        if saved.shape != live.shape:
-            raise CheckpointError(f"{where}: {opt.kind} {k} has shape {saved.shape}, expected {live.shape}")
-        np.copyto(live, saved, casting="same_kind")
+    try:
+        for k, live in arrays.items():
+            saved = np.asarray(d[k])
+            if saved.shape != live.shape:
+                raise CheckpointError(f"{where}: {opt.kind} {k} has shape {saved.shape}, expected {live.shape}")
+            if saved.dtype.kind != "f" or not np.isfinite(saved).all():
+                raise CheckpointError(f"{where}: {opt.kind} {k} holds {saved.dtype} values or non-finite ones")
+            np.copyto(live, saved, casting="same_kind")
+        counts = {k: np.asarray(d[k]) for k in counts}
+        if any(c.shape != () or c.dtype.kind not in "iu" or c < 0 for c in counts.values()):
+            raise CheckpointError(f"{where}: the {opt.kind} state's step counts are not counts")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: the {opt.kind} state is damaged ({e})") from None
     if opt.kind == "EMA":
-        opt.num_updates = int(np.asarray(d["num_updates"]))
+        opt.num_updates = int(counts["num_updates"])
     else:
         for k in opt.names:
-            opt.t[k] = int(np.asarray(d["t/" + k]))
+            opt.t[k] = int(counts["t/" + k])

@@ -24,7 +24,7 @@ import os
 import shutil
 import uuid
 
-from .checkpoint import BEST, LATEST, CheckpointError, resolve
+from .checkpoint import BEST, LATEST, CheckpointError, check_replaceable, resolve
 from .fileio import FolderBusy, folder_lock, remove_stale_temps
 
 RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png")
@@ -170,6 +170,8 @@ def check_resume(out, path, meta, read_meta):
     train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
     own = _same_folder(os.path.dirname(path), out)
     run_id = train.get("run_id") if own and train.get("run_id") else new_run_id()   # elsewhere: a branch
+    for name in (LATEST, BEST):                            # a file there the run could not save over
+        check_replaceable(os.path.join(out, name), "full")
     here = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if not here or _same_folder(path, os.path.join(out, LATEST)):
         return run_id

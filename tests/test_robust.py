@@ -315,6 +315,8 @@ CRAFTED = {
     "a damaged --data": lambda a, m: m["train"].__setitem__("data", 5),
     "a config of other types": lambda a, m: m["config"].__setitem__("d_model", "big"),
     "meta not an .npy": None,
+    "complex optimizer moments": lambda a, m: a.__setitem__("opt/adamw/m/embed.w", a["opt/adamw/m/embed.w"] * 1j),
+    "a step count that is text": lambda a, m: a.__setitem__("opt/muon/t/block.glu.up.w", np.array("x")),
 }
 
 
