@@ -31,8 +31,8 @@ class SampleConfig:
     """What sample.py does, each setting declared once (the command line is derived from it)."""
     checkpoint: str = setting("out", "checkpoint file (full or packed) or run folder, which means its "
                               "latest.npz (or best.npz if it has no latest.npz)", group="model")
-    kernel: str = setting("addsub", "ternary layers by additions/subtractions only, or by float GEMVs",
-                          choices=("addsub", "blas"))
+    kernel: str = setting("addsub", "ternary layers by additions/subtractions only, or by float GEMVs (a "
+                          "float core, train.py --no-ternary, always runs with blas)", choices=("addsub", "blas"))
     ema: bool = setting(False, "use the checkpoint's EMA-averaged weights (train.py --ema), as its "
                         "evaluation does (default: the trained weights)")
     head: str = setting(None, "the output head to expect; it comes from the checkpoint, which was trained "
@@ -112,10 +112,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = weights.cfg
+    if not cfg.ternary and args.kernel == "addsub":   # float weights: no additions-only product to run
+        args.kernel = "blas"
     step = weights.meta.get("step", weights.meta.get("source", {}).get("step"))
     print(f"{weights.kind} checkpoint {weights.path}" + (f" (step {step})" if step is not None else "")
           + (", EMA weights" if weights.meta.get("ema") or weights.meta.get("source", {}).get("ema") else "")
-          + f", head {cfg.head}, kernel {args.kernel}", file=sys.stderr)
+          + f", head {cfg.head}, {'ternary' if cfg.ternary else 'float (--no-ternary)'} core, kernel {args.kernel}",
+          file=sys.stderr)
     enc = get_encoding()
     prompt_ids = enc.encode(args.prompt, allowed_special="all")
     if prompt_ids and max(prompt_ids) >= cfg.vocab_size:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoternary import config, run
+from nanoternary.checkpoint import load_model
 from nanoternary.classmap import ClassMap
 from nanoternary.config import setting
 from nanoternary.data import get_batch, val_windows
@@ -56,6 +57,8 @@ class TrainConfig:
     lr_muon: float = setting(0.02, "NorMuon lr, the core's 2-D weights [0.02]", range="(0, inf)",
                              group="optimization")
     lr_adam: float = setting(3e-3, "AdamW lr, everything else [3e-4]", range="(0, inf)")
+    core_optimizer: str = setting("normuon", "for the core's 2-D weights: NorMuon [normuon], or AdamW at --lr-adam",
+                                  choices=("normuon", "adamw"))
     weight_decay: float = setting(0.1, "AdamW decoupled weight decay on matrices [0.1]", range="[0, inf)")
     schedule: str = setting("wsd", "warmup-stable-decay [wsd], or cosine", choices=("wsd", "cosine"))
     warmup: int = setting(200, "warmup steps", range="[0, inf)")
@@ -68,7 +71,9 @@ class TrainConfig:
     ema: float = setting(0.0, "EMA decay of the weights evaluated, 0: off [0.999]", range="[0, 1)")
     embed_init: str = setting("gpt2", "GPT-2's embedding, SVD-projected [gpt2], or random", choices=("gpt2", "random"))
     freeze_embed_steps: int = setting(None, "steps with a frozen embedding (default: 1000 [1000] with GPT-2's, "
-                                      "0 with a random one)", range="[0, inf)")
+                                      "0 with a random one or a checkpoint's)", range="[0, inf)")
+    init_from: str = setting(None, "a new run from this checkpoint's weights and architecture (fine-tuning): "
+                             "its own data, optimizer state, schedule and --out")
     max_steps: int = setting(None, "optimizer steps, 0: no limit (default: 4000 [~4000], no limit with "
                              "--time-budget or --max-tokens)", range="[0, inf)", group="run length")
     max_tokens: int = setting(0, "training tokens, 0: no limit", range="[0, inf)")
@@ -108,7 +113,12 @@ def resolve_defaults(cfg, head, embed_source):
 
 def build_model(cfg, model_cfg, data):
     """A new model: the hier head's classes from the training tokens' counts, the embedding from
-    GPT-2's when it can be had. -> (model, "gpt2" or "random")."""
+    GPT-2's when it can be had; or with --init-from a trained model's weights (its architecture:
+    run.py refused model flags that disagree). -> (model, "gpt2", "random" or "checkpoint")."""
+    if cfg.init_from:
+        model = load_model(cfg.init_from, cfg.dtype)
+        model.rng = np.random.default_rng(cfg.seed)           # this run's counted positions
+        return model, "checkpoint"
     class_map = None
     if model_cfg.head == "hier":
         counts = np.bincount(np.asarray(data.train), minlength=model_cfg.vocab_size)
@@ -124,6 +134,8 @@ def build_optimizers(cfg, params):
     """NorMuon for the core's matrices, AdamW for the rest (optim.split_params), and the EMA."""
     Muon, Adam, Ema = (NorMuon, AdamW, EMA) if cfg.plain else (FastNorMuon, FastAdamW, FastEMA)
     muon_names, adam_names = split_params(params)
+    if cfg.core_optimizer == "adamw":                             # AdamW for everything
+        muon_names, adam_names = [], list(params)
     opt = {"muon": Muon({k: params[k] for k in muon_names}, lr=cfg.lr_muon),
            "adamw": Adam({k: params[k] for k in adam_names}, lr=cfg.lr_adam, weight_decay=cfg.weight_decay)}
     if cfg.ema:

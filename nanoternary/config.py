@@ -149,8 +149,8 @@ def add_arguments(parser, cls, groups=None):
         if not m.get("cli", True):
             continue
         kw = {"dest": f.name, "default": f.default, "help": _help(f)}
-        if f.type is bool:
-            kw["action"] = "store_true"
+        if f.type is bool:                        # default True: --name and --no-name
+            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         elif f.type is list:
             kw["action"] = "append"
         else:
@@ -162,7 +162,7 @@ def add_arguments(parser, cls, groups=None):
 
 def _help(f):
     help = f.metadata["help"]
-    if "default" in help or f.default is None or f.default is False:
+    if "default" in help or f.default is None or isinstance(f.default, bool):
         return help
     default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
     return f"{help} (default: {default})"

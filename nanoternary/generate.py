@@ -121,9 +121,12 @@ class RingConv:
         C_out, Ci, K = w_gate.shape
         G, Co = groups, C_out // groups
         self.K, self.G, self.Ci = K, G, Ci
-        self.L = (K - 1) * dilation
-        self.ring = np.zeros((self.L, G * Ci), dtype=dtype)   # row p mod L holds u_p; zeros for p < 0
-        self.back = np.arange(K - 1) * dilation                # tap k < K-1 sits at row (t + kD) mod L
+        self.L = L = (K - 1) * dilation
+        # buf (G, L+1, Ci), group-major: row p mod L holds u_p (zeros for p < 0), row L the new input
+        self.buf = np.zeros((G, L + 1, Ci), dtype=dtype)
+        # the rows position t reads, taps 0 .. K-1: tap k < K-1 at row (t + kD) mod L, tap K-1 at row L
+        t = np.arange(max(L, 1))[:, None]
+        self.taps = np.concatenate([(t + np.arange(K - 1) * dilation) % max(L, 1), np.full((max(L, 1), 1), L)], 1)
         self.w_gate, self.w_value = w_gate, w_value
         # the conv's per-group, per-tap weights (G, K, Ci, Co) as (G, K*Ci, Co): row k*Ci + i, column o;
         # the gate's columns, then the value's
@@ -132,38 +135,33 @@ class RingConv:
         self.reset()
 
     def reset(self):
-        self.ring[:] = 0
+        self.buf[:] = 0
         self.t = 0                                             # the position of the next input
         self.u_in = self.y = None
 
     def __call__(self, u, w, D, G):
         # u (1,T,C), w (C_out, C/G, K) -> y (1,T,C_out), cache: as conv1d_forward
+        assert w is self.w_gate or w is self.w_value, "RingConv serves its own layer's two convs"
         first = u is not self.u_in
         self.u_in = u
         if u.shape[1] > 1:                                     # the prompt, from position 0
             if first:
                 assert self.t == 0, "a prompt of several tokens starts at position 0"
-                self._write(u[0])
+                T, L = u.shape[1], self.L                      # its last L inputs go to their rows
+                p = np.arange(max(0, T - L), T)
+                self.buf[:, p % max(L, 1)] = u[0, p].reshape(-1, self.G, self.Ci).transpose(1, 0, 2)
+                self.t = T
             return conv1d_forward(u, w, D, G)
         if first:
-            taps = np.concatenate((self.ring[(self.t + self.back) % self.L], u[0])) if self.L else u[0]
-            taps = taps.reshape(self.K, self.G, self.Ci).transpose(1, 0, 2).reshape(self.G, 1, -1)
-            self.y = np.matmul(taps, self.W)[:, 0]             # (G, 2Co): [gate | value] per group
-            self._write(u[0])
+            self.buf[:, self.L] = u.reshape(self.G, self.Ci)   # the new input, u_t
+            taps = self.buf[:, self.taps[self.t % max(self.L, 1)]]          # (G, K, Ci)
+            self.y = np.matmul(taps.reshape(self.G, 1, -1), self.W)[:, 0]  # (G, 2Co): [gate | value]
+            if self.L:
+                self.buf[:, self.t % self.L] = self.buf[:, self.L]         # u_t over u_{t-L}
+            self.t += 1
         Co = self.y.shape[1] // 2
         half = self.y[:, :Co] if w is self.w_gate else self.y[:, Co:]
-        assert w is self.w_gate or w is self.w_value, "RingConv serves its own layer's two convs"
         return half.reshape(1, 1, -1), None
-
-    def _write(self, u):
-        # u (T, C): the inputs at positions t .. t+T-1 become history; the last L go to their rows
-        T = u.shape[0]
-        if self.L and T == 1:
-            self.ring[self.t % self.L] = u[0]
-        elif self.L:
-            p = np.arange(max(0, T - self.L), T)
-            self.ring[(self.t + p) % self.L] = u[p]
-        self.t += T
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ class ModelConfig:
     dilations: tuple = setting((1, 4, 64), "one ConvMixer layer per dilation, comma-separated", range="[1, inf)")
     kernel_size: int = setting(4, "K: taps per causal conv", range="[1, inf)")
     conv_groups: int = setting(16, "G: groups of the convs, d_model/G channels each", range="[1, inf)")
-    ternary: bool = setting(True, "False: plain float weights (for finite-difference checks)", cli=False)
+    ternary: bool = setting(True, "the core's four matrices ternary {-1,0,+1} (default); --no-ternary: plain "
+                            "float weights, all else the same, to measure what ternary costs")
     ternary_scale: bool = setting(False, "BitNet b1.58's per-tensor scale mean|W| on the ternary outputs")
     head: str = setting("full", "output head: the full 50,257-way softmax, or the hierarchical one",
                         choices=("full", "hier"))

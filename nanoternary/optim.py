@@ -10,19 +10,9 @@ The reference (FlashLM v3) trains with:
 
 AdamW follows torch.optim.AdamW (Loshchilov & Hutter 2019), Muon is Keller Jordan's (2024,
 modded-nanogpt), NorMuon the reference's; tests/test_peer.py checks both against PyTorch.
-Everything works on flat dicts with the model's keys, updated in place:
-
-    muon_names, adam_names = split_params(model.params)
-    muon = NorMuon({k: model.params[k] for k in muon_names})
-    adam = AdamW({k: model.params[k] for k in adam_names})
-    ...
-    mult = wsd(progress, step, warmup=200)            # schedule multiplier in [0, 1]
-    clip_grad_norm(grads, 1.0)
-    muon.step(model.params, grads, lr=0.02 * mult)    # a name missing from grads is skipped
-    adam.step(model.params, grads, lr=3e-4 * mult)
-
-Each elementwise update is one method on whole arrays (AdamW.update, EMA.update_one);
-nanoternary/fast/optim.py runs the same lines on cache-sized pieces, on every core.
+Everything works on flat dicts with the model's keys, updated in place: train.py's
+build_optimizers and train_step show the use. Each elementwise update is one method on whole
+arrays (AdamW.update, EMA.update_one); nanoternary/fast/optim.py runs the same update faster.
 """
 import math
 from contextlib import contextmanager

@@ -386,7 +386,8 @@ def export_packed(source, path, scheme="2bit", embed_fp16=False, ema=False):
         source_path = resolve(os.fspath(source))
         model = _load_full(source_path, ema=ema)
     if not model.cfg.ternary:
-        raise ValueError("this model has float weights (ternary=False): there is nothing to pack")
+        raise ValueError("this model has a float core (trained with --no-ternary): there are no ternary weights "
+                         "to pack; sample.py and evaluate read its checkpoint as it is")
     w = weights_from_model(model)
     w.path = source_path
     rep = save_packed(w, path, scheme, embed_fp16)

@@ -31,9 +31,9 @@ continues with the same losses as one that was never stopped (tests/test_train.p
 import argparse
 import contextlib
 import dataclasses
-import errno
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -43,14 +43,14 @@ import warnings
 
 import numpy as np
 
-from . import config, runlog
+from . import config, report, runlog
 from .caches import same_tokens
-from .checkpoint import (BEST, LATEST, CheckpointError, check_resumable, load_checkpoint, load_optimizers,
+from .checkpoint import (BEST, LATEST, CheckpointError, check_resumable, load_checkpoint, load_model, load_optimizers,
                          model_from_state, optimizers_state, read_npz, save_checkpoint)
 from .data import DataError, prepare
 from .fast import dist, profile
 from .fast.threads import available_cores, default_workers, set_threads
-from .resources import check_memory, check_threads, human
+from .runchecks import batch_split_error, brief, check_splits, preflight, suspects, write_failure
 from .runfolder import RUN_FILES, check_resume, commit, new_run_id, resume_target, run_folder  # noqa: F401
 from .sources import expand_paths
 
@@ -72,11 +72,6 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
-def _brief(paths, limit=120):
-    text = ", ".join(map(str, paths)) if isinstance(paths, (list, tuple)) else str(paths)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def fmt_time(seconds):
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -86,7 +81,7 @@ def fmt_time(seconds):
 class Run:
     """The state of a run and its side effects (module docstring). `comm` is the job's processes."""
 
-    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False):
+    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False, command="python train.py"):
         self.cfg, self.model_cfg, self.comm, self.show_profile = cfg, model_cfg, comm, show_profile
         set_threads(1 if cfg.plain else cfg.threads)
         self.data = dist.rank0_first(comm, lambda: prepare(cfg.data, max_tokens=cfg.data_tokens, seed=cfg.data_seed,
@@ -99,6 +94,8 @@ class Run:
         self.val_bytes_per_token = self.data.meta["val_bytes"] / max(1, self.data.meta["val_tokens"])
         self.step, self.tokens, self.elapsed_before, self.best_val, self.clock = 0, 0, 0.0, math.inf, 0.0
         self.last_val, self.last_loss, self.pending, self.times = None, None, None, []
+        self.sessions, self.session = [], {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.shares, self.profiler, self.ended = None, contextlib.ExitStack(), None
         self.rng = np.random.default_rng(cfg.seed)            # batches
         self.last = self.stopped = False
         self.signal, self.old_handlers, self.stack = None, {}, contextlib.ExitStack()
@@ -111,7 +108,7 @@ class Run:
                 was = meta.get("train", {}).get("data") or meta.get("data", {}).get("path")
                 now = [x.get("path") for x in self.data.meta.get("sources", [])] or self.data.path
                 raise CheckpointError(
-                    f"{resume_from} was trained on other tokens ({_brief(was)}) than this run's ({_brief(now)}): "
+                    f"{resume_from} was trained on other tokens ({brief(was)}) than this run's ({brief(now)}): "
                     f"resume with the same --data (the same bytes, by any path), --data-tokens, --val-fraction "
                     f"and --data-seed")
             self.resumed = (model_from_state(params, meta, cmap, resume_from, cfg.dtype), meta["embed_source"])
@@ -132,6 +129,7 @@ class Run:
             self.best_val = math.inf if meta.get("best_val") is None else meta["best_val"]
             self.rng.bit_generator.state = meta["rng"]
             model.rng.bit_generator.state = meta["model_rng"]
+            self.sessions = list(meta.get("sessions", []))
             self.saved_state = None
             self.trim_at = self.step                # log records after it: trimmed once this run writes
             if not comm.bcast(os.path.exists(os.path.join(cfg.out, BEST)) if comm.rank == 0 else None):
@@ -140,8 +138,10 @@ class Run:
                   f"{fmt_time(self.elapsed_before)})")
         print(f"data: {self.data.meta['source']} | train {len(self.data.train):,} tokens | "
               f"val {len(self.data.val):,} tokens | {self.data.path}")
+        self.session.update(start_step=self.step, start_tokens=self.tokens, train_seconds=0.0)
         print(f"model: {model.param_counts()['total']:,} parameters | head {model.cfg.head} | "
-              f"embedding {embed_source} (frozen for {cfg.freeze_embed_steps} steps) | "
+              + (f"weights of {cfg.init_from} | " if embed_source == "checkpoint" else
+                 f"embedding {embed_source} (frozen for {cfg.freeze_embed_steps} steps) | ")
               + (f"{comm.size} processes x " if comm.size > 1 else "")
               + (f"{default_workers()} thread(s)" if not cfg.plain else "plain code, 1 thread"))
         if comm.size > 1:
@@ -154,8 +154,7 @@ class Run:
             self.stack.enter_context(profile.paused())
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.t0 = time.time()
-        self.sync()
-        self.last = self.limit_reached()           # a resumed run may have nothing left to do
+        self.sync()                                # a resumed run may have nothing left to do
         if self.last:
             print(f"nothing to do: the run is at step {self.step:,}, {self.tokens:,} tokens, "
                   f"{fmt_time(self.elapsed())}, its limit (--max-steps, --max-tokens or --time-budget): "
@@ -171,9 +170,12 @@ class Run:
 
     def sync(self):
         """Rank 0's clock and Ctrl-C, on every rank (their clocks differ, and the learning rate, the
-        stop and the last step must be the same everywhere)."""
+        stop and the last step must be the same everywhere); whether this step is the last."""
         self.clock, self.signal = self.comm.bcast((time.time() - self.t0, self.signal))
         self.stopped = self.signal is not None
+        self.last = self.limit_reached()           # decided once: the last step evaluates and saves
+        if self.last or self.stopped:              # how this session ends, for its checkpoints and report
+            self.ended = f"stopped by {self.signal}" if self.stopped else f"finished ({self.limit_name()})"
 
     # -------------------------------------------------------------------- where the run stands
 
@@ -200,8 +202,21 @@ class Run:
 
     @contextlib.contextmanager
     def profiled(self):
-        with profile.recording() if self.show_profile else contextlib.nullcontext():
+        """Around a training step: with --profile every step is timed by part; otherwise the 3rd to
+        the 5th step of each session are, for the report (a few steps, so the run is not slowed)."""
+        n = self.step - self.session["start_step"]                # steps of this session before this one
+        if not (self.show_profile or 2 <= n <= 4):
             yield
+            return
+        if n == 2 and not self.show_profile:
+            self.profiler.enter_context(profile.attached())      # wraps the model's functions (resets)
+            self.profiler.enter_context(profile.paused())
+        with profile.recording():
+            yield
+        if not self.show_profile:
+            self.shares = profile.shares()
+            if n == 4:
+                self.profiler.close()                            # the model's own functions again
 
     # -------------------------------------------------------------------- after each step
 
@@ -211,8 +226,8 @@ class Run:
         self.flush()
         self.step, self.tokens, self.last_loss = self.step + 1, self.tokens + tokens, loss
         self.times.append((seconds, tokens))
+        self.session["train_seconds"] += seconds
         self.sync()
-        self.last = self.limit_reached()           # decided once: the last step evaluates and saves
         if self.step % self.cfg.log_interval == 0 or self.step == 1 or self.last or self.stopped:
             step_s, step_tokens = map(sum, zip(*self.times))
             ms, tps = 1000 * step_s / len(self.times), step_tokens / max(step_s, 1e-9)
@@ -269,7 +284,7 @@ class Run:
             "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg),
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
             "best_val": None if math.isinf(self.best_val) else self.best_val, "val_loss": val_loss,
-            "embed_source": self.embed_source,
+            "embed_source": self.embed_source, "sessions": self.sessions + [self.session_now()],
             "rng": self.rng.bit_generator.state, "model_rng": self.model.rng.bit_generator.state,
             "data": {"key": self.data.meta["key"], "path": self.data.path, "crc32": self.data.meta["crc32"],
                      "source": self.data.meta["source"], "train_tokens": self.data.meta["train_tokens"]},
@@ -308,15 +323,21 @@ class Run:
 
     # -------------------------------------------------------------------- the end
 
+    def session_now(self, ended=None):
+        return {**self.session, "end_step": self.step, "end_tokens": self.tokens,
+                "ended": ended or self.ended or "running (or killed)", "train_seconds": round(self.session.get("train_seconds", 0), 2)}
+
     def close(self):
         for s, h in self.old_handlers.items():
             signal.signal(s, h)
         self.old_handlers = {}
+        if self.show_profile:
+            self.shares = profile.shares()
+        self.profiler.close()
         self.stack.close()
 
     def finish(self):
-        """After train(): the checkpoint of a stopped run, the closing line, the exit status."""
-        shares = profile.shares() if self.show_profile else None
+        """After train(): the checkpoint of a stopped run, the closing line, report.md, the exit status."""
         self.close()
         self.flush()
         if self.stopped and not self.last:
@@ -325,94 +346,93 @@ class Run:
         out = self.cfg.out
         saved = [f"{out}/{f}" for f in (LATEST, BEST) if os.path.exists(os.path.join(out, f))]
         status = f"stopped by {self.signal}" if self.stopped else "finished"
+        card = self.write_report(self.ended or status)
         print(f"{status}: {self.step:,} steps, {self.tokens:,} tokens in {fmt_time(self.elapsed())}"
               + (f" | best val loss {self.best_val:.4f}" if math.isfinite(self.best_val) else "")
-              + (f" | checkpoints {', '.join(saved)}" if saved else " | no checkpoint") + (f" | curves {png}" if png else ""))
-        if shares:
+              + (f" | checkpoints {', '.join(saved)}" if saved else " | no checkpoint")
+              + (f" | curves {png}" if png else "") + (f" | report {card}" if card else ""))
+        if self.show_profile and self.shares:
             print("where the time went (share of the training steps' CPU time):")
-            for k, v in shares.items():
+            for k, v in self.shares.items():
                 print(f"  {k:<18} {100 * v:5.1f}%")
         return {"SIGINT": 130, "SIGTERM": 143}.get(self.signal, 0)      # the shell's 128 + signal number
+
+    def diverged(self, e):
+        """A Diverged stop: one line, report.md, exit status 1. Nothing is saved over the last checkpoint."""
+        self.close()
+        with contextlib.suppress(CheckpointError):
+            self.flush()                           # the log keeps the steps before (non-finite values as null)
+        last = os.path.join(self.cfg.out, LATEST)
+        kept = [os.path.join(self.cfg.out, n) for n in (LATEST, BEST) if os.path.exists(os.path.join(self.cfg.out, n))]
+        kept = f"the last good checkpoints: {', '.join(kept)}" if kept else "no checkpoint was saved"
+        self.write_report(f"diverged ({e})", sample_from=last if os.path.exists(last) else None)
+        if self.comm.rank == 0:
+            print(f"error: {e}; stopping ({kept}); {suspects(self.cfg)}", file=sys.stderr)
+        return 1
+
+    def limit_name(self):
+        c = self.cfg
+        if c.time_budget and self.elapsed() >= 60.0 * c.time_budget:
+            return f"a time budget of {c.time_budget:g} min"
+        if c.max_tokens and self.tokens >= c.max_tokens:
+            return f"{c.max_tokens:,} tokens"
+        return f"{c.max_steps:,} steps" if c.max_steps else "nothing left to do"
+
+    def write_report(self, ended, sample_from=None):
+        """OUT/report.md (report.py) on rank 0, for a run that trained at least one step; -> its path."""
+        if self.comm.rank != 0 or not hasattr(self, "model") or (self.step == 0 and not self.sessions):
+            return None
+        try:
+            return report.write(self.report_info(ended, sample_from))
+        except OSError as e:
+            print(f"note: could not write {self.cfg.out}/report.md ({e.strerror or e})", file=sys.stderr)
+            return None
+
+    def report_info(self, ended, sample_from=None):
+        """What report.render needs, from the run's settings, log and state."""
+        cfg, mcfg = self.cfg, self.model.cfg
+        changed, resolved = [], []
+        for c in (cfg, mcfg):
+            for f in dataclasses.fields(c):
+                value, default = getattr(c, f.name), f.default
+                if f.name == "out" or value == default:
+                    continue
+                if default is None and f.name in ("loss_frac", "freeze_embed_steps", "max_steps"):
+                    resolved.append((config.flag(f.name), value))
+                else:
+                    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else " ".join(v) \
+                        if isinstance(v, list) else "-" if v is None else v
+                    changed.append((f"`{config.flag(f.name)}`", show(value), show(default)))
+        return {
+            "out": cfg.out, "status": ended, "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
+            "sessions": self.sessions + [self.session_now(ended)], "changed": changed, "resolved": resolved,
+            "params": self.model.param_counts()["total"], "head": mcfg.head, "ternary": mcfg.ternary,
+            "embed_source": self.embed_source, "data": {**self.data.meta, "path": self.data.path},
+            "processes": self.comm.size, "threads": "1 thread (--plain)" if cfg.plain else f"{default_workers()} thread(s)",
+            "shares": self.shares, "shares_note": "every step, --profile" if self.show_profile else
+            "steps 3-5 of the last session, timed by part; CPU time summed over threads",
+            "records": runlog.read(self.log_path) if os.path.exists(self.log_path) else [],
+            "sample": self.sample(sample_from), "checkpoints": [f for f in (LATEST, BEST)
+                                                                if os.path.exists(os.path.join(cfg.out, f))],
+        }
+
+    def sample(self, path=None, prompt="The", n=48, seed=0):
+        """A short continuation from the final weights (or the checkpoint at `path`), for the report."""
+        from .generate import Generator
+        from .tokenizer import get_encoding
+        model = load_model(path) if path else self.model
+        if not all(np.isfinite(v).all() for v in model.params.values()):
+            return None
+        enc = get_encoding()
+        ids = list(Generator(model, kernel="blas").generate(enc.encode(prompt), n, 0.8, 200, None,
+                                                             np.random.default_rng(seed), stop_at_eot=False))
+        return {"weights": path or "the final weights", "prompt": prompt, "tokens": n, "temperature": 0.8,
+                "top_k": 200, "seed": seed, "text": prompt + enc.decode(ids)}
 
 
 def _finite(x, digits):
     """A number for log.jsonl, which is plain JSON: NaN and infinities are null."""
     return round(float(x), digits) if x is not None and math.isfinite(x) else None
-
-
-# ------------------------------------------------------------------------------------------ checks and messages
-
-
-def check_splits(data, cfg):
-    """Both splits must hold a window of the longest sequence (seq_len + 1 tokens): a DataError that
-    names the split, the counts and the flag that helps."""
-    T = max(cfg.curriculum or (cfg.seq_len,))
-    m = data.meta
-    what = ", ".join(str(x.get("path")) for x in m.get("sources", []) if isinstance(x, dict))[:200] or data.path
-    if m.get("documents", 2) < 2:
-        raise DataError(f"{what} holds {m.get('documents')} document: a run needs at least 2, one of them for "
-                        f"validation: add documents (a .txt file splits into documents at <|endoftext|>)")
-    for split, tokens, fix in (("validation", len(data.val), "a larger --val-fraction"),
-                               ("training", len(data.train), "a smaller --val-fraction")):
-        if tokens < T + 1:
-            raise DataError(f"the {split} split of {what} has {tokens:,} tokens, fewer than one window of "
-                            f"{T + 1:,} (the longest sequence + 1): use a shorter --seq-len"
-                            f"{' or --curriculum' if cfg.curriculum else ''}, more data or {fix}")
-
-
-def write_failure(e, path, step, needed, saved, out):
-    """The one line for an OSError while writing `path` at `step`: the file, the error, the space free
-    and needed on a full disk, what is intact (the previous checkpoints), and what to do."""
-    free = None
-    with contextlib.suppress(OSError):
-        st = os.statvfs(os.path.dirname(path) or ".")
-        free = st.f_bavail * st.f_frsize
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    intact = [f"{out}/{n} (step {s:,})" for n, s in saved.items()] or \
-             [f"{out}/{n}" for n in (LATEST, BEST) if os.path.exists(os.path.join(out, n))]
-    return (f"cannot write {path} at step {step:,} ({e.strerror or e}"
-            + (f"; {human(free)} free" if free is not None else "")
-            + (f", the checkpoint needs about {human(needed)}" if full and needed else "") + "); "
-            + (f"the previous checkpoint is intact: {', '.join(intact)}" if intact else "no checkpoint was saved yet")
-            + ("; free some space" if full else "; make the folder writable")
-            + (" and continue with --resume" if intact else " and start again"))
-
-
-def suspects(cfg):
-    """What to change after a divergence: the step-size settings furthest above their defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    far = sorted(((getattr(cfg, k) / defaults[k], k) for k in ("lr_muon", "lr_adam", "weight_decay", "z_loss")
-                  if defaults.get(k) and getattr(cfg, k, 0) > 10 * defaults[k]), reverse=True)
-    if far:
-        return "the likely cause: " + ", ".join(f"{config.flag(k)} {getattr(cfg, k):g} (default {defaults[k]:g})"
-                                                for _, k in far) + ": start again with lower values"
-    return "lower --lr-muon and --lr-adam (or --warmup longer) and start again"
-
-
-def preflight(settings_, comm):
-    """Before any work: threads and memory against this machine (resources.py). -> settings_."""
-    cfg, model_cfg = settings_[0], settings_[1]
-    if cfg.threads:
-        check_threads(cfg.threads, "--threads")
-    workers = 1 if cfg.plain else (cfg.threads or available_cores())
-    check_memory(cfg, model_cfg, workers, processes=getattr(comm, "local_size", 1))
-    return settings_
-
-
-def batch_split_error(cfg, size):
-    """None, or the one line for a batch that does not split into `size` processes at every length."""
-    lengths = cfg.curriculum or (cfg.seq_len,)
-    for T in lengths:
-        B = max(1, cfg.batch_size * cfg.seq_len // T)
-        if B % size:
-            start = -(-cfg.batch_size // size) * size                   # the multiples of size from here
-            ok = next(b for b in range(start, start + size * max(lengths) * 2 + 1, size)
-                      if all(max(1, b * cfg.seq_len // t) % size == 0 for t in lengths))
-            return (f"--batch-size {cfg.batch_size} (all processes together) is {B} sequence(s) of {T} tokens"
-                    + (" at that curriculum length" if cfg.curriculum else "") + f", which does not split into "
-                    f"{size} equal parts, one per process: use --batch-size {ok}" + (" (the smallest that splits at every length)"
-                                                                    if cfg.curriculum else ""))
-    return None
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -444,8 +464,11 @@ def settings(argv, TrainConfig, ModelConfig):
     if args.data:                             # saved as absolute paths: the run resumes from any folder
         args.data = [os.path.abspath(os.path.expanduser(d)) if d else d for d in args.data]
     if args.resume is None:
-        return (config.from_args(TrainConfig, args, run_id=new_run_id()), config.from_args(ModelConfig, args),
-                None, args.profile, args.overwrite)
+        model_cfg = config.from_args(ModelConfig, args)
+        if args.init_from:                    # the architecture is the checkpoint's
+            model_cfg = init_config(args, given, ModelConfig)
+        return (config.from_args(TrainConfig, args, run_id=new_run_id()), model_cfg, None, args.profile,
+                args.overwrite)
     path, out = resume_target(args.resume, args.out, "out" in given)
     _, meta, _, _ = load_checkpoint(path)
     check_resumable(meta, path)
@@ -480,6 +503,24 @@ def settings(argv, TrainConfig, ModelConfig):
                             f"if the files moved, pass --data with their new path (the same bytes are the same "
                             f"data)") from None
     return train_cfg, model_cfg, path, args.profile, False
+
+
+def init_config(args, given, ModelConfig):
+    """--init-from: the checkpoint's ModelConfig; a model flag given with another value is refused."""
+    if not os.path.isfile(args.init_from):
+        raise CheckpointError(f"--init-from: no checkpoint {args.init_from}: give a checkpoint file "
+                              f"(e.g. runs/x/latest.npz or best.npz)")
+    try:
+        saved = ModelConfig.from_dict(load_checkpoint(args.init_from)[1]["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"--init-from {args.init_from}: its model config is missing or invalid ({e})") from None
+    for k in sorted(given & {f.name for f in dataclasses.fields(ModelConfig)}):
+        if getattr(args, k) != getattr(saved, k):
+            raise CheckpointError(f"--init-from {args.init_from} has {config.flag(k)} {getattr(saved, k)}, not "
+                                  f"{getattr(args, k)}: the architecture comes from the checkpoint (drop {config.flag(k)})")
+    return saved
 
 
 def main(argv, TrainConfig, ModelConfig, train):
@@ -524,17 +565,13 @@ def _main(argv, TrainConfig, ModelConfig, train):
     try:
         with run_folder(cfg.out, resume is not None, overwrite) if comm.rank == 0 else contextlib.nullcontext():
             comm.barrier()                    # rank 0 holds --out (locked: one run per --out)
-            r = Run(cfg, model_cfg, comm, resume, show_profile)
+            command = " ".join(["python train.py"] + [shlex.quote(a) for a in
+                                                      (sys.argv[1:] if argv is None else argv)])
+            r = Run(cfg, model_cfg, comm, resume, show_profile, command)
             try:
                 train(r)
             except Diverged as e:
-                with contextlib.suppress(CheckpointError):
-                    r.flush()                 # the log keeps the steps before (non-finite values as null)
-                kept = [os.path.join(cfg.out, n) for n in (LATEST, BEST) if os.path.exists(os.path.join(cfg.out, n))]
-                kept = f"the last good checkpoints: {', '.join(kept)}" if kept else "no checkpoint was saved"
-                if comm.rank == 0:
-                    print(f"error: {e}; stopping ({kept}); {suspects(cfg)}", file=sys.stderr)
-                return 1
+                return r.diverged(e)
             finally:
                 r.close()
             return r.finish()

@@ -27,7 +27,7 @@ import uuid
 from .checkpoint import BEST, LATEST, CheckpointError, check_replaceable, resolve
 from .fileio import FolderBusy, folder_lock, remove_stale_temps
 
-RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png")
+RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png", "report.md")
 REPLACED = ".replaced"          # an overwritten run's files, until the new run's first checkpoint
 
 

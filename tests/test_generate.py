@@ -107,15 +107,16 @@ def test_float_model_runs_with_blas():
 
 
 def test_state_does_not_grow():
-    """Constant cost per token: the only state is one ring of (K-1)*D rows per conv, whatever t is."""
+    """Constant cost per token: the only state is one ring of (K-1)*D rows per conv (and the row of
+    the new input), whatever t is."""
     m = small_model()
     gen = Generator(m)
     gen.prefill([1, 2, 3])
-    sizes = [[c.ring.shape for c in rings] for rings in gen.rings]
-    assert sizes == [[(3 * D, 16) for D in (1, 4, 16)]] * 2         # ((K-1)*D, C) per layer and application
+    sizes = [[c.buf.shape for c in rings] for rings in gen.rings]
+    assert sizes == [[(4, 3 * D + 1, 4) for D in (1, 4, 16)]] * 2    # (G, (K-1)*D + 1, C/G) per layer and application
     for t in range(200):
         gen.step(t % 97)
-    assert [[c.ring.shape for c in rings] for rings in gen.rings] == sizes
+    assert [[c.buf.shape for c in rings] for rings in gen.rings] == sizes
     assert gen.pos == 203
 
 

@@ -48,6 +48,8 @@ def test_two_processes_train_the_same_model_as_one(corpus, tmp_path, dtype, rtol
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 processes x 1 thread(s)" in two.stdout and "rank 1 pid" in two.stdout
+    report = open(tmp_path / "two" / "report.md").read()             # written by rank 0, once
+    assert "**Finished (5 steps)**" in report and "(2 process(es) x 1 thread(s))" in report
     l1, l2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4, 5]
     for a, b in zip(l1, l2):

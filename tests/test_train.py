@@ -207,16 +207,6 @@ def test_curriculum_keeps_tokens_per_step(corpus):
     assert [r["tokens"] for r in log] == [128 * s for s in range(1, 5)]   # batch 4 x 32 = 8 x 16
 
 
-def test_compare_heads_runs_both_heads(corpus, tmp_path):
-    from nanoternary.tools import compare_heads
-    compare_heads.main(["--data", corpus, "--minutes", "0.04", "--out", str(tmp_path / "cmp"), "--"]
-                       + TINY + ["--eval-interval", "1000"])
-    summary = json.load(open(tmp_path / "cmp" / "summary.json"))
-    for head in ("full", "hier"):
-        s = summary[f"nanoternary, {head} head"]
-        assert s["final_val_loss"] is not None and 0 < s["final_val_loss"] < 12
-
-
 # ------------------------------------------------------------------------------------- hardening
 
 BAD_NUMBERS = [("--time-budget", "-1"), ("--max-steps", "-1"), ("--max-tokens", "-1"), ("--lr-adam", "nan"),
