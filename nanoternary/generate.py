@@ -215,7 +215,7 @@ class Generator:
         self.q = {name: (wt.astype(dt), dt.type(s), kernel, addsub_plan(wt) if kernel == "addsub" else None)
                   for name, (wt, s) in w.ternary.items()}
         # ring buffers of (K-1) D rows per layer: a crafted config's huge dilations fail here, on one line
-        check_generation(cfg, dt.itemsize, where=w.path or "this model")
+        check_generation(cfg, dt.itemsize, where=f"generating with {w.path or 'this model'}")
         # one RingConv per ConvMixer layer of every block application (the weights are shared, the state not)
         self.rings = [[RingConv(p[f"block.mix.conv{i}.gate.w"], p[f"block.mix.conv{i}.value.w"], D,
                                 cfg.conv_groups, dt) for i, D in enumerate(cfg.dilations)]
@@ -426,7 +426,7 @@ def main(argv=None):
     try:
         if args.cmd == "bench":
             kernels = KERNELS if args.kernel == "both" else (args.kernel,)
-            check_generation(ModelConfig(head=args.head), 4, args.prompt_len, "the benchmark")
+            check_generation(ModelConfig(head=args.head), 4, args.prompt_len, "the benchmark (--prompt-len)")
             print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels), indent=1))
             return 0
         src = resolve(args.checkpoint)

@@ -193,7 +193,7 @@ def check_generation(model_cfg, item=4, prompt_len=1, where="this model", availa
     available = available_memory() if available is None else available
     need = generation_bytes(model_cfg, item, prompt_len)
     if available is not None and need > FIT * available:
-        raise ValueError(f"{where} needs about {human(need)} of memory to generate (d_model {model_cfg.d_model}, "
-                         f"dilations {','.join(map(str, model_cfg.dilations))}"
-                         + (f", a prompt of {prompt_len:,} tokens" if prompt_len > 1 else "")
+        raise ValueError(f"{where} needs about {human(need)} of memory (d_model {model_cfg.d_model}, dilations "
+                         f"{','.join(map(str, model_cfg.dilations))}"
+                         + (f", {prompt_len:,} tokens at once" if prompt_len > 1 else "")
                          + f") but {human(available)} is available")

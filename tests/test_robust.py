@@ -372,7 +372,8 @@ def test_damaged_or_crafted_checkpoints_get_one_line(trained, tmp_path, capsys, 
                                   ["-m", "nanoternary.data", "--threads", "1000000"],
                                   ["-m", "nanoternary.data", "--seed", "-1"],
                                   ["-m", "nanoternary.gradcheck", "--tol", "nan"],
-                                  ["-m", "nanoternary.tools.bench", "--loss-frac", "0"]])
+                                  ["-m", "nanoternary.tools.bench", "--loss-frac", "0"],
+                                  ["-m", "nanoternary.evaluate", "--data", "x.txt", "--seq-len", "0"]])
 def test_commands_check_their_numbers(tmp_path, args):
     code, out, err = cli(args, str(tmp_path))
     assert code == 2 and err.count("\n") == 1 and args[-2] in err and "Traceback" not in err, err
