@@ -21,7 +21,6 @@ One run per variant: on a shared machine the same run can differ by a few hundre
 one sitting to the next (the number of steps it gets in the minutes varies); differences smaller
 than that are not findings. docs/experiments.md shows races and how sure each is.
 """
-import argparse
 import json
 import os
 import shlex
