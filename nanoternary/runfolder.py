@@ -29,6 +29,7 @@ from .fileio import FolderBusy, folder_lock, remove_stale_temps
 
 RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png", "report.md")
 REPLACED = ".replaced"          # an overwritten run's files, until the new run's first checkpoint
+COMPLETE = ".complete"          # in REPLACED: every old file is in it (the new run may write)
 
 
 def new_run_id():
@@ -69,10 +70,14 @@ def run_folder(out, resuming=False, overwrite=False):
 
 
 def _move_aside(out, names):
+    """Move the old run's files into OUT/.replaced/, then mark the move complete (COMPLETE): only then
+    may the new run write. A move cut short (kill -9) has no mark and is simply undone."""
     aside = os.path.join(out, REPLACED)
     os.makedirs(aside, exist_ok=True)
     for f in names:
         os.replace(os.path.join(out, f), os.path.join(aside, f))
+    with open(os.path.join(aside, COMPLETE), "w"):
+        pass
     print(f"--overwrite: the previous run ({', '.join(names)}) is kept in {aside}/ until this run saves its "
           f"first checkpoint, and put back if it ends before")
 
@@ -82,29 +87,39 @@ def has_checkpoint(out):
 
 
 def commit(out):
-    """The new run has a checkpoint: the run it replaced (--overwrite) can go."""
+    """The new run has a checkpoint: the run it replaced (--overwrite) can go. Renamed first, then
+    deleted, so that a kill in the middle never leaves a half-deleted .replaced/ to be put back."""
     aside = os.path.join(out, REPLACED)
     if os.path.isdir(aside):
-        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(aside, aside + ".discard")
+    shutil.rmtree(aside + ".discard", ignore_errors=True)
 
 
 def settle(out, at_end=False):
-    """An --overwrite in progress (OUT/.replaced/) is decided by the new run's checkpoints: if it
-    wrote one, the old run goes (commit); if not, the old run's files come back and the new run's
-    log goes. At the end of a run that left nothing but its lock, the lock file goes too."""
+    """An --overwrite in progress (OUT/.replaced/) is decided, whatever moment a kill -9 chose:
+      - the move was not complete (no COMPLETE mark): the new run has not written anything; the
+        files moved so far go back;
+      - complete, and OUT/ holds a checkpoint (necessarily the new run's): the old run goes (commit);
+      - complete, no checkpoint: the new run's files go, then the mark, then the old files come back
+        (a kill during this leaves an unmarked .replaced/, which the next settle finishes moving back).
+    At the end of a run that left nothing but its lock, the lock file goes too."""
     aside = os.path.join(out, REPLACED)
+    shutil.rmtree(aside + ".discard", ignore_errors=True)          # a commit cut short
     if os.path.isdir(aside):
-        if has_checkpoint(out):
+        complete = os.path.exists(os.path.join(aside, COMPLETE))
+        if complete and has_checkpoint(out):
             commit(out)
         else:
-            for f in RUN_FILES:
-                if os.path.exists(os.path.join(aside, f)) or os.path.exists(os.path.join(out, f)):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(out, f))
-                    with contextlib.suppress(FileNotFoundError):
-                        os.replace(os.path.join(aside, f), os.path.join(out, f))
-            with contextlib.suppress(OSError):
-                os.rmdir(aside)
+            if complete:
+                for f in RUN_FILES:                                 # the new run's files
+                    if not os.path.exists(os.path.join(aside, f)):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(os.path.join(out, f))
+                os.remove(os.path.join(aside, COMPLETE))
+            for f in RUN_FILES:                                     # the old run's, over any of the new's
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(os.path.join(aside, f), os.path.join(out, f))
+            shutil.rmtree(aside, ignore_errors=True)
             print(f"{out}/: the run that --overwrite was to replace is back in place (the new run "
                   f"{'ended' if at_end else 'was stopped'} before its first checkpoint)")
     if at_end and not any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):

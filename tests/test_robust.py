@@ -91,8 +91,9 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(corpus, 
     monkeypatch.setattr(train, "train_step", real)
     # killed outright (kill -9) after the move and before a checkpoint: the next start settles it
     os.makedirs(os.path.join("a", ".replaced"))
-    for f in ("latest.npz", "best.npz", "log.jsonl", "loss.png"):
+    for f in before:
         os.replace(os.path.join("a", f), os.path.join("a", ".replaced", f))
+    open(os.path.join("a", ".replaced", ".complete"), "w").close()        # the move was complete
     with open(os.path.join("a", "log.jsonl"), "w") as f:
         f.write('{"step": 1, "tokens": 128, "train_loss": 10.9, "elapsed": 0.1}\n')   # the new run's log
     assert train.main(["--data", corpus, "--out", "a", "--resume", "--max-steps", "3"] + TINY) == 0
@@ -100,6 +101,50 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(corpus, 
     # a new run that saves: the old run is gone then, and only then
     assert train.main(["--data", corpus, "--out", "a", "--overwrite", "--max-steps", "2"] + TINY) == 0
     assert [r["step"] for r in read_log("a")] == [1, 2] and not os.path.exists(os.path.join("a", ".replaced"))
+
+
+def test_an_overwrite_killed_at_any_moment_is_settled(corpus, capsys):
+    """kill -9 can stop an --overwrite between any two file operations; every state it can leave is
+    settled by the next start on the folder (runfolder.settle) without losing the old run or keeping
+    a half of it."""
+    from nanoternary.runfolder import settle
+    assert train.main(["--data", corpus, "--out", "a", "--max-steps", "2"] + TINY) == 0
+    before = files_of("a")
+    names = sorted(before)
+    aside = os.path.join("a", ".replaced")
+
+    def move(few, complete):
+        os.makedirs(aside, exist_ok=True)
+        for f in few:
+            os.replace(os.path.join("a", f), os.path.join(aside, f))
+        if complete:
+            open(os.path.join(aside, ".complete"), "w").close()
+
+    def new_file(name, text="new"):
+        with open(os.path.join("a", name), "w") as f:
+            f.write(text)
+    move(names[:2], complete=False)                   # the move cut short: the new run wrote nothing yet
+    settle("a")
+    assert files_of("a") == before and not os.path.exists(aside)
+    move(names, complete=True)                        # moved; the new run logged, no checkpoint yet
+    new_file("log.jsonl")
+    new_file("report.md")
+    settle("a")
+    assert files_of("a") == before and not os.path.exists(aside)
+    move(names, complete=True)                        # ... and a restore cut short: the mark gone,
+    new_file("log.jsonl")                             # one old file back, the new log still there
+    os.remove(os.path.join(aside, ".complete"))
+    os.replace(os.path.join(aside, names[0]), os.path.join("a", names[0]))
+    settle("a")
+    assert files_of("a") == before and not os.path.exists(aside)
+    move(names, complete=True)                        # the new run saved a checkpoint: the old run goes
+    shutil.copy(os.path.join(aside, "latest.npz"), os.path.join("a", "latest.npz"))
+    new_file("log.jsonl", "the new run's")
+    settle("a")
+    assert not os.path.exists(aside) and open(os.path.join("a", "log.jsonl")).read() == "the new run's"
+    os.makedirs(aside + ".discard")                    # a commit cut short
+    settle("a")
+    assert not os.path.exists(aside + ".discard")
 
 
 def test_resume_never_writes_one_run_over_another(corpus, capsys):
