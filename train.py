@@ -84,7 +84,6 @@ class TrainConfig:
     log_interval: int = setting(10, "steps between log lines", range="[1, inf)")
     save_interval: int = setting(200, "steps between checkpoints", range="[1, inf)")
     out: str = setting("out", "run folder")
-    run_id: str = setting(None, "names the run in its checkpoints (a resume never mixes two runs)", cli=False)
     seed: int = setting(0, "seeds the init, the batches and the counted positions", range="[0, inf)",
                         group="machine")
     threads: int = setting(0, "cores per process, 0: all (under mpiexec: shared by the machine's processes)",

@@ -81,8 +81,10 @@ def fmt_time(seconds):
 class Run:
     """The state of a run and its side effects (module docstring). `comm` is the job's processes."""
 
-    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False, command="python train.py"):
+    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False, command="python train.py",
+                 run_id=None):
         self.cfg, self.model_cfg, self.comm, self.show_profile = cfg, model_cfg, comm, show_profile
+        self.run_id = run_id or new_run_id()
         set_threads(1 if cfg.plain else cfg.threads)
         self.data = dist.rank0_first(comm, lambda: prepare(cfg.data, max_tokens=cfg.data_tokens, seed=cfg.data_seed,
                                                            val_fraction=cfg.val_fraction,
@@ -281,7 +283,7 @@ class Run:
     def state(self, val_loss=None):
         """(params, meta, optimizer state, class map): what a checkpoint holds (checkpoint.py)."""
         meta = {
-            "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg),
+            "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg), "run_id": self.run_id,
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
             "best_val": None if math.isinf(self.best_val) else self.best_val, "val_loss": val_loss,
             "embed_source": self.embed_source, "sessions": self.sessions + [self.session_now()],
@@ -457,8 +459,9 @@ def build_parser(TrainConfig, ModelConfig):
 
 
 def settings(argv, TrainConfig, ModelConfig):
-    """-> (TrainConfig, ModelConfig, resume path or None, profile flag, overwrite flag). On --resume
-    the saved configs are used; only the flags in CHANGEABLE may differ from them."""
+    """-> (TrainConfig, ModelConfig, resume path or None, profile flag, overwrite flag, run id). On
+    --resume the saved configs are used; only the flags in CHANGEABLE may differ from them. The run id
+    names the run in its checkpoints, so that a resume never mixes two runs (runfolder.py)."""
     args = build_parser(TrainConfig, ModelConfig).parse_args(argv)
     given = config.given_flags(build_parser(TrainConfig, ModelConfig), argv) - {"resume", "profile", "overwrite"}
     if args.data:                             # saved as absolute paths: the run resumes from any folder
@@ -467,8 +470,8 @@ def settings(argv, TrainConfig, ModelConfig):
         model_cfg = config.from_args(ModelConfig, args)
         if args.init_from:                    # the architecture is the checkpoint's
             model_cfg = init_config(args, given, ModelConfig)
-        return (config.from_args(TrainConfig, args, run_id=new_run_id()), model_cfg, None, args.profile,
-                args.overwrite)
+        return (config.from_args(TrainConfig, args), model_cfg, None, args.profile, args.overwrite,
+                new_run_id())
     path, out = resume_target(args.resume, args.out, "out" in given)
     _, meta, _, _ = load_checkpoint(path)
     check_resumable(meta, path)
@@ -486,7 +489,7 @@ def settings(argv, TrainConfig, ModelConfig):
                 raise CheckpointError(f"--resume: this run was started with {config.flag(k)} {saved.get(k)}, "
                                       f"not {getattr(args, k)}; to change it, start a new run in another --out")
         train_cfg = TrainConfig(**{**saved_train, **{k: getattr(args, k) for k in CHANGEABLE if k in given},
-                                   "out": out, "run_id": run_id})
+                                   "out": out})
     except (TypeError, ValueError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -502,7 +505,7 @@ def settings(argv, TrainConfig, ModelConfig):
             raise DataError(f"{e}; --resume reads the run's data from where it was ({', '.join(train_cfg.data)}): "
                             f"if the files moved, pass --data with their new path (the same bytes are the same "
                             f"data)") from None
-    return train_cfg, model_cfg, path, args.profile, False
+    return train_cfg, model_cfg, path, args.profile, False, run_id
 
 
 def init_config(args, given, ModelConfig):
@@ -549,7 +552,7 @@ def _main(argv, TrainConfig, ModelConfig, train):
     if comm.rank:
         sys.stdout = open(os.devnull, "w")    # rank 0 alone prints
     try:                                      # rank 0 reads the settings (and the checkpoint to resume)
-        cfg, model_cfg, resume, show_profile, overwrite = dist.from_rank0(
+        cfg, model_cfg, resume, show_profile, overwrite, run_id = dist.from_rank0(
             comm, lambda: preflight(settings(argv, TrainConfig, ModelConfig), comm), ONE_LINE)
         if cfg.plain and comm.size > 1:
             raise ValueError(f"--plain runs in one process, not {comm.size}: drop --plain or mpiexec")
@@ -567,7 +570,7 @@ def _main(argv, TrainConfig, ModelConfig, train):
             comm.barrier()                    # rank 0 holds --out (locked: one run per --out)
             command = " ".join(["python train.py"] + [shlex.quote(a) for a in
                                                       (sys.argv[1:] if argv is None else argv)])
-            r = Run(cfg, model_cfg, comm, resume, show_profile, command)
+            r = Run(cfg, model_cfg, comm, resume, show_profile, command, run_id)
             try:
                 train(r)
             except Diverged as e:

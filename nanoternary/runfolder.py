@@ -12,7 +12,7 @@ The rules, each a mechanism rather than a case:
     called by every checkpoint write), and put back if it ends before that (a bad --data, a
     diverged first step, Ctrl-C). A run killed outright (kill -9) in between is settled by the next
     start on the folder, the same way: a checkpoint of the new run decides.
-  - A resume never writes one run's state over another's. Each run has an id (TrainConfig.run_id,
+  - A resume never writes one run's state over another's. Each run has an id (the checkpoint's run_id,
     saved in every checkpoint); resuming a checkpoint into a folder that holds a run with another
     id is refused, and so is resuming an older checkpoint of a run (best.npz) over a latest.npz
     that is further ahead. A checkpoint resumed into another folder than its own starts a branch
@@ -173,25 +173,29 @@ def _folder_run(out, read_meta):
                 meta = read_meta(path)
             except CheckpointError:
                 continue                                  # damaged: the other one may tell
-            train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
-            return train.get("run_id"), meta.get("step"), name
+            return run_id_of(meta), meta.get("step"), name
     return None
+
+
+def run_id_of(meta):
+    """The run id a checkpoint's metadata names, or None (a checkpoint of an older version)."""
+    run_id = meta.get("run_id")
+    return run_id if isinstance(run_id, str) else None
 
 
 def check_resume(out, path, meta, read_meta):
     """The run id the resumed run goes on with, or a CheckpointError when resuming the checkpoint at
     `path` (its metadata `meta`) into `out` would write over another run or over a checkpoint of
     the same run that is further ahead. read_meta(path) -> a checkpoint's metadata."""
-    train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
     own = _same_folder(os.path.dirname(path), out)
-    run_id = train.get("run_id") if own and train.get("run_id") else new_run_id()   # elsewhere: a branch
+    run_id = run_id_of(meta) if own and run_id_of(meta) else new_run_id()       # elsewhere: a branch
     for name in (LATEST, BEST):                            # a file there the run could not save over
         check_replaceable(os.path.join(out, name), "full")
     here = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if not here or _same_folder(path, os.path.join(out, LATEST)):
         return run_id
     theirs = _folder_run(out, read_meta)
-    mine = train.get("run_id")
+    mine = run_id_of(meta)
     if theirs is not None and theirs[0] and mine:
         same = theirs[0] == mine
     else:                                                  # no ids (an older version's): its folder tells

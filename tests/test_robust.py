@@ -173,7 +173,7 @@ def test_resume_never_writes_one_run_over_another(corpus, capsys):
     assert [r["step"] for r in read_log("B")] == [1, 2, 3, 4, 5]
     # into a new folder: a branch, with an id of its own and its own best.npz
     assert train.main(["--resume", os.path.join("A", "best.npz"), "--out", "A2", "--max-steps", "4"]) == 0
-    ids = {d: load_checkpoint(d)[1]["train"]["run_id"] for d in ("A", "A2")}
+    ids = {d: load_checkpoint(d)[1]["run_id"] for d in ("A", "A2")}
     assert ids["A"] != ids["A2"] and os.path.exists(os.path.join("A2", "best.npz"))
     assert [r["step"] for r in read_log("A2")] == [3, 4]
     assert train.main(["--resume", os.path.join("A", "latest.npz"), "--out", "A2", "--max-steps", "6"]) == 1
