@@ -145,7 +145,8 @@ TINY = dict(vocab_size=23, d_model=8, glu_hidden=12, n_recursions=2, dilations=(
 
 def tiny_model(seed=0, **kw):
     """A float64 model small enough for finite differences: quantization off (the quantizer is a
-    step function; its gradient is the STE's by definition), weights moved off their init values."""
+    step function; its gradient is the STE's by definition), which is also the float core that
+    train.py --no-ternary trains; weights moved off their init values."""
     cfg = ModelConfig(**{**TINY, "ternary": False, **kw})
     m = Model(cfg, seed=seed, dtype=np.float64)
     r = np.random.default_rng(seed + 1)

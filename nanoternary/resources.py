@@ -20,6 +20,7 @@ cannot work, not to fill memory to the last byte: a run must fit with FIT = 0.9 
 import math
 import os
 
+from .fast.threads import available_cores
 from .model import n_hier_classes, param_shapes
 
 MAX_THREADS_PER_CORE = 4          # more threads than this per core only adds switching and memory
@@ -27,19 +28,12 @@ FIT = 0.9                         # share of the available memory a run may plan
 HEAD_CHUNK = 1024                 # rows of logits per thread at a time (fast/head.py's DEFAULT_CHUNK)
 
 
-def cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def check_threads(n, flag="--threads", n_cores=None):
     """A ValueError when n threads per process are beyond reason for this machine (more than
     MAX_THREADS_PER_CORE per core); a one-line note on stderr when they are more than its cores
     (each step gets slower, not faster). n = 0 means all cores."""
     import sys
-    n_cores = n_cores or cores()
+    n_cores = n_cores or available_cores()
     top = MAX_THREADS_PER_CORE * n_cores
     if n > top:
         raise ValueError(f"{flag} {n:,} is more than {MAX_THREADS_PER_CORE} per core of the {n_cores} core(s) this "
