@@ -46,6 +46,7 @@ class TrainConfig:
     data_tokens: int = setting(None, "cap on tokens read (default: all; FineWeb-Edu: 32M)", range="[1, inf)")
     val_fraction: float = setting(0.05, "documents held out for validation [0.05]", range="(0, 1)")
     data_seed: int = setting(0, "seeds the train/validation split (the same for any --seed)", range="[0, inf)")
+    cache_dir: str = setting("data", "where the token caches go (data/tokens/)")
     batch_size: int = setting(8, "sequences per micro-batch, all processes together", range="[1, inf)",
                               group="batches")
     seq_len: int = setting(256, "tokens per sequence (and per validation window)", range="[1, inf)")

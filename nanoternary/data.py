@@ -21,10 +21,10 @@ Where the files come from: `prepare()` (tokens.py) tokenizes the text once, from
 FineWeb-Edu, or offline from Python's own documentation (sources.py), caches the token files under
 data/tokens/, and checks them every time they are opened.
 """
-import sys
 
 import numpy as np
 
+from .config import run_cli
 from .sources import DataError  # noqa: F401  (raised by prepare: bad input)
 from .tokens import TokenData, main, prepare  # noqa: F401
 
@@ -64,4 +64,4 @@ def val_windows(tokens, batch_size, seq_len, n_batches, seed=0):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -17,7 +17,6 @@ go through pack.as_weights, the quantized ternary matrices and the float tensors
 body_forward; the full head's NLL is computed in row chunks (fast/head.py) so the (N, V) logits are
 never held.
 """
-import argparse
 import json
 import math
 import sys
@@ -25,13 +24,15 @@ import sys
 import numpy as np
 
 from .checkpoint import CheckpointError, resolve
+from .config import OneLineParser, number, run_cli, safe_output
 from .data import DataError, prepare, val_windows
+from .fast.adaptive_head import adaptive_nll_fused
 from .fast.head import nll_fused
 from .model import body_forward, head_weights
-from .ops.adaptive_head import adaptive_nll
 from .ops.embedding import embedding_forward
 from .ops.hier_head import hier_nll
 from .pack import load_weights
+from .resources import check_generation
 
 
 def nll(weights, idx, targets):
@@ -42,8 +43,8 @@ def nll(weights, idx, targets):
     y = targets.reshape(-1)
     if cfg.head == "full":
         out = nll_fused(h, p["embed.w"], y)
-    else:                       # the cheap heads' plain nll (no (N, V) logits to avoid)
-        nll_of = hier_nll if cfg.head == "hier" else adaptive_nll
+    else:                       # the hier head's plain nll; the adaptive one's in row chunks
+        nll_of = hier_nll if cfg.head == "hier" else adaptive_nll_fused
         out = nll_of(h, *head_weights(p, cfg, weights.class_map), y)
     return out.reshape(targets.shape)
 
@@ -51,6 +52,8 @@ def nll(weights, idx, targets):
 def evaluate(checkpoint, data, tokens=131072, seq_len=256, split="all", seed=0, batch_size=8, verbose=True):
     """-> dict: nll (nats/token), bits_per_byte, tokens scored, and what was scored with what."""
     w = load_weights(resolve(checkpoint))
+    check_generation(w.cfg, w.dtype.itemsize, min(batch_size, max(1, tokens // seq_len) if tokens else batch_size)
+                     * seq_len, f"scoring windows of {seq_len:,} tokens (--seq-len)")
     d = prepare(data, val_fraction=0.0 if split == "all" else 0.05, verbose=verbose)
     if split == "all":
         text, n_bytes, n_tokens = d.train, d.meta["train_bytes"], d.meta["train_tokens"]
@@ -75,25 +78,26 @@ def evaluate(checkpoint, data, tokens=131072, seq_len=256, split="all", seed=0, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nanoternary.evaluate", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m nanoternary.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="out", help="a checkpoint file (full or packed) or a run folder "
                     "(its latest.npz) (default: out)")
     ap.add_argument("--data", action="append", required=True, metavar="GLOB",
                     help="parquet (column 'text'), jsonl or txt files; repeatable")
-    ap.add_argument("--tokens", type=int, default=131072, help="tokens to score, 0: all of the text (default: 131072)")
-    ap.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
+    ap.add_argument("--tokens", type=number(int, "[0, inf)"), default=131072, help="tokens to score, 0: all of the text (default: 131072)")
+    ap.add_argument("--seq-len", type=number(int, "[1, inf)"), default=256, help="tokens per window (default: 256)")
     ap.add_argument("--split", choices=("all", "val"), default="all",
                     help="all of the text (default), or the 5%% validation split train.py would hold out")
-    ap.add_argument("--seed", type=int, default=0, help="which windows (default: 0)")
+    ap.add_argument("--seed", type=number(int, "[0, inf)"), default=0, help="which windows (default: 0)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    safe_output()
     for name in ("tokens", "seq_len", "seed"):
         if getattr(args, name) < (0 if name != "seq_len" else 1):
             ap.error(f"--{name.replace('_', '-')} must be {'positive' if name == 'seq_len' else 'at least 0'}")
     try:
         r = evaluate(args.checkpoint, args.data, args.tokens, args.seq_len, args.split, args.seed,
                      verbose=not args.json)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, ValueError) as e:   # ValueError: resources' memory check
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
@@ -106,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -61,6 +61,16 @@ def _process_exists(pid):
     return True
 
 
+def temp_name_parts(name):
+    """(host, pid, its process still runs) of a name temp_path() made, or None for any other name.
+    Whether it runs is known on this host only (False for another host's)."""
+    m = _TEMP_NAME.search(name)
+    if m is None:
+        return None
+    pid = int(m["pid"])
+    return m["host"], pid, m["host"] == HOST and _process_exists(pid)
+
+
 def remove_stale_temps(folder):
     """Remove the temporary files in `folder` (not in its subfolders) whose writer has ended; return
     their paths. Only names made by temp_path() are considered, only those of this host (a process
@@ -76,8 +86,8 @@ def remove_stale_temps(folder):
         return []
     removed = []
     for name in sorted(names):
-        m = _TEMP_NAME.search(name)
-        if m is None or m["host"] != HOST or _process_exists(int(m["pid"])):
+        parts = temp_name_parts(name)
+        if parts is None or parts[0] != HOST or parts[2]:
             continue
         try:
             os.remove(os.path.join(folder, name))

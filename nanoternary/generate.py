@@ -78,7 +78,6 @@ would need all V logits).
 
 Packed checkpoints (2 bits per ternary weight) are written and read by pack.py.
 """
-import argparse
 import json
 import os
 import sys
@@ -88,12 +87,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import CheckpointError, resolve
+from .config import OneLineParser, number, run_cli, safe_output
 from .model import Model, ModelConfig, body_forward, head_weights
 from .ops.adaptive_head import adaptive_log_probs
 from .ops.conv import conv1d_forward, split_weight
 from .ops.hier_head import hier_log_probs
 from .ops.ternary import addsub_plan
 from .pack import SCHEMES, as_weights, export_packed, load_packed
+from .resources import check_generation
 from .sampling import sample_token
 from .tokenizer import EOT          # GPT-2's <|endoftext|>: the start token of an empty prompt
 
@@ -218,6 +219,8 @@ class Generator:
         # block_forward calls ternary_linear_forward(x, *q[name]) = (x, W_t, s, kernel, plan)
         self.q = {name: (wt.astype(dt), dt.type(s), kernel, addsub_plan(wt) if kernel == "addsub" else None)
                   for name, (wt, s) in w.ternary.items()}
+        # ring buffers of (K-1) D rows per layer: a crafted config's huge dilations fail here, on one line
+        check_generation(cfg, dt.itemsize, where=f"generating with {w.path or 'this model'}")
         # one RingConv per ConvMixer layer of every block application (the weights are shared, the state not)
         self.rings = [[RingConv(p[f"block.mix.conv{i}.gate.w"], p[f"block.mix.conv{i}.value.w"], D,
                                 cfg.conv_groups, dt) for i, D in enumerate(cfg.dilations)]
@@ -437,7 +440,7 @@ def _human(n):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nanoternary.generate",
+    ap = OneLineParser(prog="python -m nanoternary.generate",
                                  description="Packed generation checkpoints and the generation benchmark.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="write a packed checkpoint for generation and print its size")
@@ -455,18 +458,19 @@ def main(argv=None):
     be.add_argument("--head", choices=("full", "hier", "adaptive"), default="full", help="output head (default: full)")
     be.add_argument("--checkpoint", default=None, help="a trained checkpoint's weights (and head) instead of "
                     "random ones: where its draws fall decides the two-level heads' second GEMV")
-    be.add_argument("--tokens", type=int, default=200, help="tokens generated per run (default: 200)")
-    be.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
+    be.add_argument("--tokens", type=number(int, "[1, inf)"), default=200, help="tokens generated per run (default: 200)")
+    be.add_argument("--prompt-len", type=number(int, "[1, inf)"), default=64, help="prompt tokens (default: 64)")
     be.add_argument("--kernel", choices=KERNELS + ("both",), default="both",
                     help="ternary kernel(s) to time (default: both)")
     args = ap.parse_args(argv)
-
-    if args.cmd == "bench":
-        kernels = KERNELS if args.kernel == "both" else (args.kernel,)
-        print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels, checkpoint=args.checkpoint), indent=1))
-        return 0
-
+    safe_output()
     try:
+        if args.cmd == "bench":
+            kernels = KERNELS if args.kernel == "both" else (args.kernel,)
+            check_generation(ModelConfig(head=args.head), 4, args.prompt_len, "the benchmark (--prompt-len)")
+            print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels, checkpoint=args.checkpoint),
+                             indent=1))
+            return 0
         src = resolve(args.checkpoint)
         out = args.out or os.path.join(os.path.dirname(src) or ".", "model-packed.npz")
         rep = export_packed(src, out, args.scheme, args.embed_fp16, args.ema)
@@ -474,6 +478,13 @@ def main(argv=None):
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:                           # an --out that cannot be written: nothing was replaced
+        print(f"error: cannot write {args.out} ({e.strerror or e}): choose a file in a folder you can write to",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing half-written was kept", file=sys.stderr)
+        return 130
     rep["reloaded"] = bool(w.kind == "packed")
     if args.json:
         print(json.dumps(rep))
@@ -489,4 +500,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

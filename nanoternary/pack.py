@@ -47,7 +47,6 @@ The ternary weights are stored as the model's quantizer produced them, and the g
 as they are. Quantizing them again would not be safe: absmean is not idempotent (a ternary matrix
 without zeros has mean|W| = 1, and the rule W > 1 then turns every weight to 0).
 """
-import json
 import math
 import os
 import zipfile
@@ -55,9 +54,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import (CheckpointError, class_map_from_state, check_params, check_zip, load_checkpoint,
-                         load_model, read_npz, resolve)
+from .checkpoint import (CheckpointError, check_params, check_replaceable, check_zip, class_map_from_state,
+                         load_checkpoint, load_model, parse_meta, read_npz, resolve)
 from .fileio import atomic_open
+from .runlog import dumps
 from .model import TERNARY, Model, ModelConfig, param_shapes, quantize
 
 PACKED_FORMAT = "nanoternary-packed-1"
@@ -313,10 +313,10 @@ def _peek_kind(path):
         with np.load(path, allow_pickle=False) as z:
             if "meta" not in z.files:
                 raise CheckpointError(f"{path} is a .npz file but not a nanoternary checkpoint (no 'meta' entry)")
-            meta = json.loads(z["meta"].tobytes().decode())
+            meta = parse_meta(z["meta"], path)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as e:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a readable nanoternary checkpoint ({type(e).__name__}: "
                               f"{e}); it may be truncated or corrupt") from None
     return "packed" if isinstance(meta, dict) and meta.get("kind") == "packed" else "full"
@@ -426,7 +426,8 @@ def save_packed(w, path, scheme="2bit", embed_fp16=False):
         "source": {"path": w.path, **{k: w.meta[k] for k in ("step", "tokens", "val_loss", "ema")
                                       if k in w.meta}},
     }
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays["meta"] = np.frombuffer(dumps(meta).encode(), dtype=np.uint8)     # plain JSON: NaN is null
+    check_replaceable(path, "packed")           # never over a training checkpoint, a folder, another file
     with atomic_open(path) as f:                 # atomic, as checkpoint.save_checkpoint
         np.savez(f, **arrays)
     float_bytes = sum(v.nbytes for v in w.params.values()) + n_weights * w.dtype.itemsize
@@ -464,7 +465,7 @@ def load_packed(path, dtype=None):
         groups[prefix][name] = v
     shapes = param_shapes(cfg)
     float_shapes = {k: s for k, s in shapes.items() if k not in TERNARY}
-    check_params(groups["param"], float_shapes, path)
+    check_params(groups["param"], float_shapes, path, floats=(np.float16, np.float32, np.float64))
     if sorted(groups["ternary"]) != sorted(TERNARY) or sorted(tern_meta) != sorted(TERNARY):
         raise CheckpointError(f"{path}: expected packed tensors {list(TERNARY)}, found {sorted(groups['ternary'])}")
     ternary = {}

@@ -2,8 +2,10 @@
 
     python train.py ...         ->  run.main(argv, TrainConfig, ModelConfig, train)
 
-main() reads the settings (or, on --resume, the checkpoint's), holds the run folder (one run per
---out, a lock naming its holder), prepares the data, calls train(r) with a Run `r`, and turns
+main() reads the settings (or, on --resume, the checkpoint's), checks them against the machine
+(memory and threads: resources.py), holds the run folder (one run per --out, a lock naming its
+holder, no run ever lost to another: runfolder.py), prepares the data, calls train(r) with a Run
+`r`, and turns
 every way a run can end into one line and an exit status: 0 when it ended as asked (steps,
 tokens, time budget), 130 after SIGINT (Ctrl-C) and 143 after SIGTERM once the checkpoint is
 saved, 1 on errors.
@@ -35,25 +37,39 @@ import shlex
 import signal
 import sys
 import time
+import threading
 import traceback
+import warnings
 
 import numpy as np
 
 from . import config, report, runlog
-from .checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_model, load_optimizers,
-                         model_from_state, optimizers_state, save_checkpoint)
+from .caches import same_tokens
+from .checkpoint import (BEST, LATEST, CheckpointError, check_resumable, load_checkpoint, load_model, load_optimizers,
+                         model_from_state, optimizers_state, read_npz, save_checkpoint)
 from .data import DataError, prepare
 from .fast import dist, profile
 from .fast.threads import available_cores, default_workers, set_threads
-from .fileio import FolderBusy, folder_lock, remove_stale_temps
+from .runchecks import batch_split_error, brief, check_splits, preflight, suspects, write_failure
+from .runfolder import RUN_FILES, check_resume, commit, new_run_id, resume_target, run_folder  # noqa: F401
+from .sources import expand_paths
 
-CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out", "plain")   # may differ on --resume
-RUN_FILES = (LATEST, BEST, "log.jsonl", "loss.png")
+# may differ on --resume: the run length, the machine, and where the data is (the same bytes are
+# checked by content: caches.same_tokens)
+CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out", "plain", "data", "cache_dir")
 ONE_LINE = (DataError, CheckpointError, ValueError, OSError)     # errors that say what is wrong and what to do
 
 
 class Diverged(Exception):
     """The run must stop without saving: a non-finite loss, gradient norm or weight."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or a second Ctrl-C) that stops the run at once; `signum` gives the exit status."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 def fmt_time(seconds):
@@ -65,17 +81,18 @@ def fmt_time(seconds):
 class Run:
     """The state of a run and its side effects (module docstring). `comm` is the job's processes."""
 
-    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False, command="python train.py"):
+    def __init__(self, cfg, model_cfg, comm, resume_from=None, show_profile=False, command="python train.py",
+                 run_id=None):
         self.cfg, self.model_cfg, self.comm, self.show_profile = cfg, model_cfg, comm, show_profile
+        self.run_id = run_id or new_run_id()
         set_threads(1 if cfg.plain else cfg.threads)
         self.data = dist.rank0_first(comm, lambda: prepare(cfg.data, max_tokens=cfg.data_tokens, seed=cfg.data_seed,
-                                                           val_fraction=cfg.val_fraction))   # the cache, once
+                                                           val_fraction=cfg.val_fraction,
+                                                           cache_dir=cfg.cache_dir))   # the cache, once
         if self.data.meta["key"] != comm.bcast(self.data.meta["key"]):      # another machine found other data
             raise DataError(f"rank {comm.rank} prepared other data than rank 0 ({self.data.path}): every "
                             f"machine needs the same --data, or a shared data/ folder")
-        if len(self.data.val) < cfg.seq_len + 1:
-            raise DataError(f"the validation split of {self.data.path} has {len(self.data.val)} tokens, "
-                            f"fewer than one window of {cfg.seq_len + 1}: use more data or a larger --val-fraction")
+        check_splits(self.data, cfg)
         self.val_bytes_per_token = self.data.meta["val_bytes"] / max(1, self.data.meta["val_tokens"])
         self.step, self.tokens, self.elapsed_before, self.best_val, self.clock = 0, 0, 0.0, math.inf, 0.0
         self.last_val, self.last_loss, self.pending, self.times = None, None, None, []
@@ -85,14 +102,17 @@ class Run:
         self.last = self.stopped = False
         self.signal, self.old_handlers, self.stack = None, {}, contextlib.ExitStack()
         self.log_path = os.path.join(cfg.out, "log.jsonl") if comm.rank == 0 else None   # rank 0 alone writes
-        self.resumed, self.saved_state, self.where = None, None, resume_from
+        self.resumed, self.saved_state, self.where, self.saved = None, None, resume_from, {}
         if resume_from:                                       # rank 0 reads it, every rank gets it
             self.saved_state = comm.bcast(load_checkpoint(resume_from) if comm.rank == 0 else None)
             params, meta, _, cmap = self.saved_state
-            if meta.get("data", {}).get("key") != self.data.meta["key"]:
+            if not same_tokens(meta.get("data", {}), self.data.meta):             # the same bytes, any path
+                was = meta.get("train", {}).get("data") or meta.get("data", {}).get("path")
+                now = [x.get("path") for x in self.data.meta.get("sources", [])] or self.data.path
                 raise CheckpointError(
-                    f"{resume_from} was trained on {meta.get('data', {}).get('path')} but this run's data is "
-                    f"{self.data.path}: resume with the same --data (and --data-tokens, --val-fraction, --data-seed)")
+                    f"{resume_from} was trained on other tokens ({brief(was)}) than this run's ({brief(now)}): "
+                    f"resume with the same --data (the same bytes, by any path), --data-tokens, --val-fraction "
+                    f"and --data-seed")
             self.resumed = (model_from_state(params, meta, cmap, resume_from, cfg.dtype), meta["embed_source"])
 
     def on_rank0(self, fn, *args):
@@ -113,8 +133,9 @@ class Run:
             model.rng.bit_generator.state = meta["model_rng"]
             self.sessions = list(meta.get("sessions", []))
             self.saved_state = None
-            if self.log_path:
-                runlog.trim(self.log_path, self.step)
+            self.trim_at = self.step                # log records after it: trimmed once this run writes
+            if not comm.bcast(os.path.exists(os.path.join(cfg.out, BEST)) if comm.rank == 0 else None):
+                self.best_val = math.inf            # a folder without best.npz gets one at the first evaluation
             print(f"resuming {self.where} at step {self.step:,} ({self.tokens:,} tokens, "
                   f"{fmt_time(self.elapsed_before)})")
         print(f"data: {self.data.meta['source']} | train {len(self.data.train):,} tokens | "
@@ -136,11 +157,15 @@ class Run:
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.t0 = time.time()
         self.sync()                                # a resumed run may have nothing left to do
+        if self.last:
+            print(f"nothing to do: the run is at step {self.step:,}, {self.tokens:,} tokens, "
+                  f"{fmt_time(self.elapsed())}, its limit (--max-steps, --max-tokens or --time-budget): "
+                  f"give a larger one to continue it")
         self.p0 = self.progress()                  # for the ETA
 
     def on_signal(self, signum, frame):
         if self.signal is not None:                # a second Ctrl-C: stop right now
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal}: finishing this step, saving a checkpoint and stopping "
               f"(again to stop at once)", flush=True)
@@ -221,8 +246,17 @@ class Run:
 
     def flush(self):
         if self.pending and self.log_path:
-            runlog.append(self.log_path, self.pending)
+            with self.writing(self.log_path):
+                self.trim_log()
+                runlog.append(self.log_path, self.pending)
         self.pending = None
+
+    def trim_log(self):
+        """A resumed run's log loses the records after its checkpoint's step, once it writes its own
+        (a resume that takes no step changes nothing)."""
+        if getattr(self, "trim_at", None) is not None and self.log_path:
+            runlog.trim(self.log_path, self.trim_at)
+        self.trim_at = None
 
     def evaluated(self, val_loss):
         """The validation loss of the weights after this step: printed with bits per byte (the NLL in
@@ -249,12 +283,12 @@ class Run:
     def state(self, val_loss=None):
         """(params, meta, optimizer state, class map): what a checkpoint holds (checkpoint.py)."""
         meta = {
-            "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg),
+            "config": self.model.cfg.to_dict(), "train": dataclasses.asdict(self.cfg), "run_id": self.run_id,
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
             "best_val": None if math.isinf(self.best_val) else self.best_val, "val_loss": val_loss,
             "embed_source": self.embed_source, "sessions": self.sessions + [self.session_now()],
             "rng": self.rng.bit_generator.state, "model_rng": self.model.rng.bit_generator.state,
-            "data": {"key": self.data.meta["key"], "path": self.data.path,
+            "data": {"key": self.data.meta["key"], "path": self.data.path, "crc32": self.data.meta["crc32"],
                      "source": self.data.meta["source"], "train_tokens": self.data.meta["train_tokens"]},
         }
         cmap = self.model.class_map.state() if self.model.class_map is not None else {}
@@ -269,10 +303,25 @@ class Run:
             params, meta["weights"] = self.opt["ema"].shadow, "ema"
         bad = [k for k, v in params.items() if not np.isfinite(v).all()]
         if bad:
-            raise Diverged(f"step {self.step}: {bad[0]} holds NaN or infinite values (the learning rate is "
-                           f"probably too high); not saving over the last checkpoint")
+            raise Diverged(f"step {self.step}: {bad[0]} holds NaN or infinite values; not saving over the "
+                           f"last checkpoint")
         if self.comm.rank == 0:
-            save_checkpoint(os.path.join(self.cfg.out, name), params, meta, opt, cmap)
+            path = os.path.join(self.cfg.out, name)
+            needed = sum(np.asarray(a).nbytes for part in (params, opt, cmap) for a in part.values())
+            with self.writing(path, needed):
+                self.trim_log()
+                save_checkpoint(path, params, meta, opt, cmap)
+            self.saved[name] = self.step
+            commit(self.cfg.out)                   # an --overwrite's old run can go now (runfolder.py)
+
+    @contextlib.contextmanager
+    def writing(self, path, needed=None):
+        """An OSError while writing `path` (a full disk, a folder made read-only, a quota) becomes
+        one line naming the file, the step, what is intact and what to do."""
+        try:
+            yield
+        except OSError as e:
+            raise CheckpointError(write_failure(e, path, self.step, needed, self.saved, self.cfg.out)) from None
 
     # -------------------------------------------------------------------- the end
 
@@ -302,8 +351,8 @@ class Run:
         card = self.write_report(self.ended or status)
         print(f"{status}: {self.step:,} steps, {self.tokens:,} tokens in {fmt_time(self.elapsed())}"
               + (f" | best val loss {self.best_val:.4f}" if math.isfinite(self.best_val) else "")
-              + f" | checkpoints {', '.join(saved)}" + (f" | curves {png}" if png else "")
-              + (f" | report {card}" if card else ""))
+              + (f" | checkpoints {', '.join(saved)}" if saved else " | no checkpoint")
+              + (f" | curves {png}" if png else "") + (f" | report {card}" if card else ""))
         if self.show_profile and self.shares:
             print("where the time went (share of the training steps' CPU time):")
             for k, v in self.shares.items():
@@ -313,12 +362,14 @@ class Run:
     def diverged(self, e):
         """A Diverged stop: one line, report.md, exit status 1. Nothing is saved over the last checkpoint."""
         self.close()
-        self.flush()
+        with contextlib.suppress(CheckpointError):
+            self.flush()                           # the log keeps the steps before (non-finite values as null)
         last = os.path.join(self.cfg.out, LATEST)
-        kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was saved"
+        kept = [os.path.join(self.cfg.out, n) for n in (LATEST, BEST) if os.path.exists(os.path.join(self.cfg.out, n))]
+        kept = f"the last good checkpoints: {', '.join(kept)}" if kept else "no checkpoint was saved"
         self.write_report(f"diverged ({e})", sample_from=last if os.path.exists(last) else None)
         if self.comm.rank == 0:
-            print(f"error: {e}; stopping ({kept})", file=sys.stderr)
+            print(f"error: {e}; stopping ({kept}); {suspects(self.cfg)}", file=sys.stderr)
         return 1
 
     def limit_name(self):
@@ -386,37 +437,6 @@ def _finite(x, digits):
     return round(float(x), digits) if x is not None and math.isfinite(x) else None
 
 
-# ------------------------------------------------------------------------------------------ the folder
-
-
-@contextlib.contextmanager
-def run_folder(out, resuming=False, overwrite=False):
-    """The run folder `out`, held for the block: made if needed, locked so that a second run on it
-    refuses (fileio.folder_lock), the temporary files of a killed run removed. A new run refuses a
-    folder that holds another run's files, unless `overwrite` (then they are removed first)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"--out {out} is a file, not a folder: choose another --out")
-    with contextlib.ExitStack() as stack:
-        try:
-            os.makedirs(out, exist_ok=True)
-            stack.enter_context(folder_lock(out, "a training run"))
-        except FolderBusy as e:
-            raise CheckpointError(f"--out {e}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot write to --out {out} ({e.strerror or e}): choose a folder "
-                                  f"you can write to") from None
-        for path in remove_stale_temps(out):
-            print(f"removed {path}: a checkpoint that a killed run did not finish writing")
-        old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-        if old and not resuming:
-            if not overwrite:
-                raise CheckpointError(f"{out}/ already holds a run ({', '.join(old)}): continue it with "
-                                      f"--resume, start over with --overwrite, or choose another --out")
-            for f in old:
-                os.remove(os.path.join(out, f))
-        yield out
-
-
 # ------------------------------------------------------------------------------------------ the command
 
 
@@ -439,32 +459,53 @@ def build_parser(TrainConfig, ModelConfig):
 
 
 def settings(argv, TrainConfig, ModelConfig):
-    """-> (TrainConfig, ModelConfig, resume path or None, profile flag, overwrite flag). On --resume
-    the saved configs are used; only the flags in CHANGEABLE may differ from them."""
+    """-> (TrainConfig, ModelConfig, resume path or None, profile flag, overwrite flag, run id). On
+    --resume the saved configs are used; only the flags in CHANGEABLE may differ from them. The run id
+    names the run in its checkpoints, so that a resume never mixes two runs (runfolder.py)."""
     args = build_parser(TrainConfig, ModelConfig).parse_args(argv)
     given = config.given_flags(build_parser(TrainConfig, ModelConfig), argv) - {"resume", "profile", "overwrite"}
-    if not args.resume:
+    if args.data:                             # saved as absolute paths: the run resumes from any folder
+        args.data = [os.path.abspath(os.path.expanduser(d)) if d else d for d in args.data]
+    if args.resume is None:
         model_cfg = config.from_args(ModelConfig, args)
         if args.init_from:                    # the architecture is the checkpoint's
             model_cfg = init_config(args, given, ModelConfig)
-        return config.from_args(TrainConfig, args), model_cfg, None, args.profile, args.overwrite
-    path = os.path.join(args.out, LATEST) if args.resume is True else args.resume
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--resume: no checkpoint {path} to resume from; start the run without --resume")
+        return (config.from_args(TrainConfig, args), model_cfg, None, args.profile, args.overwrite,
+                new_run_id())
+    path, out = resume_target(args.resume, args.out, "out" in given)
     _, meta, _, _ = load_checkpoint(path)
+    check_resumable(meta, path)
+    run_id = check_resume(out, path, meta, lambda p: read_npz(p)[1])   # never over another run (runfolder.py)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved_train = {k: tuple(v) if isinstance(v, list) and k != "data" else v
-                   for k, v in meta.get("train", {}).items() if k in fields}
+                   for k, v in meta["train"].items() if k in fields}
     if saved_train.get("freeze_embed_steps") == -1:       # how older versions said "the default"
         saved_train["freeze_embed_steps"] = None
-    saved = {**saved_train, **ModelConfig.from_dict(meta["config"]).to_dict()}
-    for k in sorted(given - set(CHANGEABLE)):
-        if getattr(args, k) != saved.get(k):
-            raise CheckpointError(f"--resume: this run was started with {config.flag(k)} {saved.get(k)}, "
-                                  f"not {getattr(args, k)}; to change it, start a new run in another --out")
-    train_cfg = TrainConfig(**{**saved_train, **{k: getattr(args, k) for k in CHANGEABLE if k in given},
-                               "out": args.out})
-    return train_cfg, ModelConfig.from_dict(meta["config"]), path, args.profile, False
+    try:
+        model_cfg = ModelConfig.from_dict(meta["config"])
+        saved = {**saved_train, **model_cfg.to_dict()}
+        for k in sorted(given - set(CHANGEABLE)):
+            if getattr(args, k) != saved.get(k):
+                raise CheckpointError(f"--resume: this run was started with {config.flag(k)} {saved.get(k)}, "
+                                      f"not {getattr(args, k)}; to change it, start a new run in another --out")
+        train_cfg = TrainConfig(**{**saved_train, **{k: getattr(args, k) for k in CHANGEABLE if k in given},
+                                   "out": out})
+    except (TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: its saved settings are damaged ({e}); resume from the run's other "
+                              f"checkpoint") from None
+    if train_cfg.data is not None and (not isinstance(train_cfg.data, list)
+                                       or not all(isinstance(d, str) for d in train_cfg.data)):
+        raise CheckpointError(f"{path}: its saved --data is damaged ({train_cfg.data!r}); pass --data")
+    if train_cfg.data and "data" not in given:
+        try:
+            expand_paths(train_cfg.data)
+        except DataError as e:
+            raise DataError(f"{e}; --resume reads the run's data from where it was ({', '.join(train_cfg.data)}): "
+                            f"if the files moved, pass --data with their new path (the same bytes are the same "
+                            f"data)") from None
+    return train_cfg, model_cfg, path, args.profile, False, run_id
 
 
 def init_config(args, given, ModelConfig):
@@ -472,7 +513,12 @@ def init_config(args, given, ModelConfig):
     if not os.path.isfile(args.init_from):
         raise CheckpointError(f"--init-from: no checkpoint {args.init_from}: give a checkpoint file "
                               f"(e.g. runs/x/latest.npz or best.npz)")
-    saved = ModelConfig.from_dict(load_checkpoint(args.init_from)[1]["config"])
+    try:
+        saved = ModelConfig.from_dict(load_checkpoint(args.init_from)[1]["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"--init-from {args.init_from}: its model config is missing or invalid ({e})") from None
     for k in sorted(given & {f.name for f in dataclasses.fields(ModelConfig)}):
         if getattr(args, k) != getattr(saved, k):
             raise CheckpointError(f"--init-from {args.init_from} has {config.flag(k)} {getattr(saved, k)}, not "
@@ -481,31 +527,50 @@ def init_config(args, given, ModelConfig):
 
 
 def main(argv, TrainConfig, ModelConfig, train):
-    """python train.py: train(Run) with the settings of argv; -> the exit status (module docstring)."""
+    """python train.py: train(Run) with the settings of argv; -> the exit status (module docstring).
+    Around the run: output that never fails on a character (config.safe_output), NumPy's warnings
+    kept out of the terminal (a divergence gets its own line), and SIGTERM before training stopping
+    at once, cleanly (Interrupted: the folder settled, status 143)."""
+    config.safe_output()
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return _main(argv, TrainConfig, ModelConfig, train)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def _main(argv, TrainConfig, ModelConfig, train):
     comm = dist.world()                       # the processes mpiexec started, or just this one
     if comm.rank:
         sys.stdout = open(os.devnull, "w")    # rank 0 alone prints
     try:                                      # rank 0 reads the settings (and the checkpoint to resume)
-        cfg, model_cfg, resume, show_profile, overwrite = dist.from_rank0(
-            comm, lambda: settings(argv, TrainConfig, ModelConfig), ONE_LINE)
+        cfg, model_cfg, resume, show_profile, overwrite, run_id = dist.from_rank0(
+            comm, lambda: preflight(settings(argv, TrainConfig, ModelConfig), comm), ONE_LINE)
         if cfg.plain and comm.size > 1:
             raise ValueError(f"--plain runs in one process, not {comm.size}: drop --plain or mpiexec")
-        for T in cfg.curriculum or (cfg.seq_len,):
-            if (cfg.batch_size * cfg.seq_len // T) % comm.size:
-                raise ValueError(f"--batch-size {cfg.batch_size} (all processes together) does not split into "
-                                 f"{comm.size} equal parts at sequence length {T}: use a multiple of {comm.size}")
+        if batch_split_error(cfg, comm.size):
+            raise ValueError(batch_split_error(cfg, comm.size))
     except ONE_LINE as e:                     # the same on every rank
         if comm.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
     if comm.size > 1 and not cfg.threads:     # the machine's cores, shared by its processes
         cfg.threads = max(1, available_cores() // comm.local_size)
+    r = None
     try:
         with run_folder(cfg.out, resume is not None, overwrite) if comm.rank == 0 else contextlib.nullcontext():
             comm.barrier()                    # rank 0 holds --out (locked: one run per --out)
             command = " ".join(["python train.py"] + [shlex.quote(a) for a in
                                                       (sys.argv[1:] if argv is None else argv)])
-            r = Run(cfg, model_cfg, comm, resume, show_profile, command)
+            r = Run(cfg, model_cfg, comm, resume, show_profile, command, run_id)
             try:
                 train(r)
             except Diverged as e:
@@ -516,10 +581,17 @@ def main(argv, TrainConfig, ModelConfig, train):
     except ONE_LINE as e:
         comm.fail(f"error: {e}")              # with several processes: all of them stop
         return 1
-    except KeyboardInterrupt:                 # before training started, or a second Ctrl-C
-        comm.fail("\ninterrupted: stopped at once; checkpoints already saved are intact", 130)
-        return 130
+    except KeyboardInterrupt as e:            # before training started, or a second Ctrl-C or SIGTERM
+        code = 128 + getattr(e, "signum", signal.SIGINT)          # 130 after SIGINT, 143 after SIGTERM
+        saved = [f"{cfg.out}/{n}" for n in (LATEST, BEST) if os.path.exists(os.path.join(cfg.out, n))]
+        comm.fail("\ninterrupted: stopped at once; " + (f"the checkpoints saved are intact ({', '.join(saved)})"
+                                                        if saved else "no checkpoint was saved"), code)
+        return code
     except Exception as e:                    # a bug, or the machine
+        if comm.size == 1 and isinstance(e, MemoryError):     # the estimate passed, the machine disagreed
+            print(f"error: out of memory at step {getattr(r, 'step', 0):,} ({e or 'MemoryError'}): lower "
+                  f"--batch-size or --seq-len, or free memory; the checkpoints saved are intact", file=sys.stderr)
+            return 1
         if comm.size == 1:
             raise
         traceback.print_exc()

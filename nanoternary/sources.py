@@ -27,11 +27,14 @@ problem and what to do. gpt2_embed.py shares the hub helpers (hub_offline_reason
 """
 import contextlib
 import errno
+import fnmatch
 import glob
 import itertools
 import json
 import os
+import re
 import socket
+import stat
 import sys
 import threading
 import urllib.parse
@@ -70,9 +73,10 @@ def cannot_write(e, folder):
     read-only disk, a full disk, a path through a regular file)."""
     what = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) and e.strerror else brief(e)
     fix = ("free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "use shorter file names" if e.errno == errno.ENAMETOOLONG else
            "make it a folder you can write to")
     return DataError(f"cannot write to the cache folder {folder} ({what}); {fix}, or use another one "
-                     f"(--cache-dir of python -m nanoternary.data, cache_dir= of prepare())")
+                     f"(--cache-dir of train.py and python -m nanoternary.data, cache_dir= of prepare())")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,25 +84,106 @@ def cannot_write(e, folder):
 # number of the file's bytes read so far (for the progress bar).
 
 def expand_paths(data):
-    """Paths or globs (a string or a list of them) -> the list of files, in the order given."""
+    """Paths or globs (a string or a list of them) -> the list of files, in the order given, each
+    once. A path that exists is taken as it is, even if it looks like a glob (`weird[1].parquet`);
+    otherwise a pattern is expanded by glob_files (`**` for any depth: bounded, symbolic links
+    followed but every folder visited once, so a link loop ends). A file reached twice (two
+    patterns, a link, another spelling) is read once: files are compared by what they are
+    (os.path.realpath), not by how they were named. Only regular files are data: a named pipe or a
+    device would block or never end."""
     patterns = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not patterns:
         raise DataError("no data given: pass one or more paths or globs")
-    files = []
+    files, seen = [], set()
     for pattern in map(os.fspath, patterns):
         path = os.path.expanduser(pattern)
-        if glob.has_magic(path):
-            matches = [p for p in sorted(glob.glob(path, recursive=True)) if os.path.isfile(p)]
+        if not pattern:
+            raise DataError("an empty path in --data: pass a file, or a glob such as 'corpus/*.parquet'")
+        if os.path.lexists(path):
+            if os.path.isdir(path):
+                raise DataError(f"{pattern}: is a directory; pass a glob such as "
+                                f"'{pattern.rstrip('/')}/*.parquet'")
+            check_regular(path)
+            matches = [path]
+        elif glob.has_magic(path):
+            matches = glob_files(path)
             if not matches:
                 raise DataError(f"{pattern!r} matches no files")
-        elif os.path.isdir(path):
-            raise DataError(f"{pattern}: is a directory; pass a glob such as '{pattern.rstrip('/')}/*.parquet'")
-        elif not os.path.exists(path):
-            raise DataError(f"{pattern}: no such file")
         else:
-            matches = [path]
-        files += [os.path.abspath(p) for p in matches if os.path.abspath(p) not in files]
+            raise DataError(f"{pattern}: no such file")
+        for p in matches:
+            real = os.path.realpath(p)
+            if real not in seen:
+                seen.add(real)
+                files.append(os.path.abspath(p))
     return files
+
+
+def check_regular(path):
+    """A DataError unless `path` is (a link to) a regular file: reading a named pipe waits for a
+    writer forever, a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or brief(e)})") from None
+    if not stat.S_ISREG(mode):
+        what = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or
+                stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise DataError(f"{path}: is {what}, not a file; write the data to a file and pass that")
+
+
+def glob_files(pattern):
+    """The regular files matching `pattern`, sorted; glob.glob's rules (`*`, `?`, `[...]`, `**` for
+    any number of folders, names starting with '.' only matched by a pattern starting with '.'),
+    but bounded: glob.glob follows a link loop until the path is too long (one loop of `ln -s .
+    me` reads each file some 40 times, two loops take forever). Here a folder is entered once per
+    `**`, however many links lead to it."""
+    drive, rest = os.path.splitdrive(pattern)
+    seps = os.sep + (os.altsep or "")
+    top = drive + (rest[0] if rest[:1] and rest[0] in seps else "")     # "/" of an absolute pattern
+    parts = [p for p in re.split(f"[{re.escape(seps)}]", rest) if p]
+    paths = [top]                                     # "" is the current folder
+    for i, part in enumerate(parts):
+        if part == "**":
+            paths = [f for folder in paths for f in _all_folders(folder)]
+            if i == len(parts) - 1:                   # a trailing **: every file in those folders
+                paths = [os.path.join(f, n) for f in paths for n in _names(f, "*")]
+        elif glob.has_magic(part):
+            paths = [os.path.join(f, n) for f in paths for n in _names(f, part)]
+        else:
+            paths = [os.path.join(f, part) for f in paths if os.path.lexists(os.path.join(f, part))]
+        if i < len(parts) - 1:
+            paths = list(dict.fromkeys(f for f in paths if os.path.isdir(f or os.curdir)))
+    return sorted(set(p for p in paths if os.path.isfile(p)))
+
+
+def _names(folder, pattern):
+    """The names in `folder` matching `pattern` (hidden ones only if the pattern starts with '.')."""
+    try:
+        names = os.listdir(folder or os.curdir)
+    except OSError:                                   # not a folder, or not readable: no matches
+        return []
+    if not pattern.startswith("."):
+        names = [n for n in names if not n.startswith(".")]
+    return fnmatch.filter(names, pattern)
+
+
+def _all_folders(top):
+    """top and every folder below it (links to folders followed), each real folder once."""
+    found, seen, todo = [], set(), [top]
+    while todo:
+        folder = todo.pop()
+        try:
+            st = os.stat(folder or os.curdir)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found.append(folder)
+        todo += sorted((os.path.join(folder, n) for n in _names(folder, "*")
+                        if os.path.isdir(os.path.join(folder, n))), reverse=True)
+    return found
 
 
 def file_kind(path):
@@ -121,19 +206,29 @@ def open_parquet(path):
     return pf
 
 
+def is_text_type(t):
+    """Strings in any of Arrow's layouts: string, large_string, string_view, and a dictionary of
+    them (what pandas writes for a categorical column)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t))
+
+
 def check_text_column(pf, name):
     schema = pf.schema_arrow
     if "text" not in schema.names:
         raise DataError(f"{name}: no 'text' column (its columns: {', '.join(schema.names)}); "
                         f"the documents must be in a string column named 'text', as in FineWeb-Edu")
     text_type = schema.field("text").type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+    if not is_text_type(text_type):
         raise DataError(f"{name}: column 'text' holds {text_type}, not strings")
 
 
 def check_file(path):
     """Fail early, before any tokenizing, on a file we could not read."""
     kind = file_kind(path)
+    check_regular(path)
     try:
         with open(path, "rb"):
             pass

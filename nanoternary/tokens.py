@@ -15,56 +15,49 @@ How it is tokenized (FlashLM v3 / GPT-2 conventions, llm.c's file habits):
     tiktoken's own speed: `python -m nanoternary.data --data GLOB --bench` measures both.
 Null or empty texts are skipped and counted.
 
-The cache, data/tokens/<name>-<key>/, where key hashes the sources (path, size, mtime), the
-settings (val_fraction, seed, max_tokens), the tokenizer's name and vocabulary hash:
+The cache, data/tokens/<name>-<key>/, where key hashes the sources' bytes (each file's sha256, in
+order; never a path or a modification time, so the same bytes are the same cache from any path:
+caches.py), the settings (val_fraction, seed, max_tokens), the tokenizer's name and vocabulary hash
+(<name> is the first file's name, cut to 40 characters):
     train.bin, val.bin   token ids as uint16 (GPT-2's ids are < 50257 < 2**16), no header
     meta.json            sources, settings, tokenizer name and vocabulary hash, the CRC-32 of
                          each .bin file, and the counts: documents, skipped (null/empty texts),
                          text_tokens, tokens (= text_tokens + one separator per document),
                          {train,val}_{documents,tokens,bytes} with bytes the UTF-8 bytes of the
                          split's texts (for bits per byte)
-Each file is written to a temporary name and renamed into place, meta.json last (fileio.py). Every
-time the cache is opened, both .bin files are read once to check their size, their CRC-32 and that
-every id is below the vocabulary size: a folder without meta.json, with a .bin file cut short or
-overwritten (zeros, 0xFFFF bytes, another cache's file), or made by an older version without
-checksums, is never trusted: one line says why and it is rebuilt. Delete a folder to rebuild it by
-hand. What the check costs, both files together (scan_tokens: CRC-32 and the largest id in one
-pass; files in the page cache, our 2-core VM, best of 7): 2.4 ms for 3.55M tokens (7.1 MB) and
-20.5 ms for 32M tokens (64 MB, FineWeb-Edu's default amount), against 40 ms for sha256 and 72 ms
-for blake2b over the same 64 MB. Measured with (and 3_550_969 tokens for the smaller one):
-    python -c "import numpy as np; np.random.default_rng(0).integers(0, 50257, 32_000_000, dtype=np.uint16).tofile('t.bin')"
-    python -m timeit -n 1 -r 7 -s "from nanoternary.tokens import scan_tokens" "scan_tokens('t.bin')"
-A cache not in the page cache costs one read of it from disk.
+Each file is written to a temporary name and renamed into place, meta.json last (fileio.py; first
+as meta.json.pending, so that complete token files survive a kill just before the end: _build). Every
+time the cache is opened it is checked (sizes, CRC-32, ids below the vocabulary: caches.py, with
+what the check costs); a cache that fails is never trusted: one line says why and it is rebuilt.
 Temporary files left by a process killed outright (kill -9) are removed at the next prepare
-(fileio.remove_stale_temps: only those whose process has ended).
+(fileio.remove_stale_temps: only those whose process has ended). Caches that can never be used
+again (their files changed or gone) are listed by `--caches` and removed by `--remove-stale`.
 
 A cache folder that cannot be written raises DataError naming the folder and what to do; the
 command prints it on one line and exits with status 1. docs/robustness.md lists the cases and tests.
 """
-import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from .fileio import atomic_path, remove_stale_temps
+from .fileio import atomic_path
 from .sources import (HUB_DATASET, HUB_MAX_TOKENS, HUB_SHARD, DataError, HubUnreachable, brief, cannot_write,
                       check_file, expand_paths, file_chunks, hub_chunks, hub_offline_reason, python_docs_corpus,
                       write_json)
+from .caches import (DTYPE, FORMAT_VERSION, TOKENS_VERSION, TokenData, cache_key, fingerprints, list_caches,  # noqa: F401
+                     load_cache, promote_meta, remove_stale, remove_stale_cache_temps, save_fingerprints,
+                     scan_tokens, stale_note)
+from .config import OneLineParser, number, run_cli, safe_output
+from .resources import check_threads
 from .tokenizer import get_encoding, vocab_hash
 
-TOKENS_VERSION = 1               # part of the cache key: bump when the tokens written would change
-FORMAT_VERSION = 2               # of meta.json; 2 added the checksums (a format-1 cache is rebuilt)
-DTYPE = np.uint16                # token ids on disk
 VAL_FRACTION = 0.05              # the reference's 95/5 train/validation split
 BATCH_CHARS = 1_000_000          # characters per batch handed to the tokenizer threads (~250k tokens)
 
@@ -139,9 +132,10 @@ def _encoded_batches(chunks, enc, num_threads):
             yield pending[0], pending[1], pending[2], list(pending[3])
 
 
-def _write_tokens(chunks, folder, enc, *, val_fraction, seed, max_tokens, num_threads, bar, label):
+def _write_tokens(chunks, folder, enc, *, val_fraction, seed, max_tokens, num_threads, bar, label, finish=None):
     """Tokenize the chunks into folder/train.bin and folder/val.bin (both renamed into place at the
-    end); return the counts for meta.json."""
+    end); return the counts for meta.json. finish(counts, {"train.bin": path, "val.bin": path}) is
+    called with the complete files under their temporary names, before they are renamed."""
     # uint16 holds every id because every id is <= max_token_value; checked once, for all tokens
     if enc.max_token_value >= 2 ** 16:
         raise DataError(f"tokenizer {enc.name} has ids up to {enc.max_token_value}, too many for uint16")
@@ -206,143 +200,47 @@ def _write_tokens(chunks, folder, enc, *, val_fraction, seed, max_tokens, num_th
         if counts["documents"] == 0:
             raise DataError(f"no documents in {label}: all {counts['skipped']} texts are null or empty")
         show_progress(bar, 1.0, counts["tokens"], counts["documents"])
+        if finish is not None:
+            finish(counts, {"train.bin": tmp_train, "val.bin": tmp_val})
     return counts
 
 
-# ----------------------------------------------------------------------------------------------
-# The cache folder and its checks.
-
-@dataclass
-class TokenData:
-    """Token files of one prepared dataset. train, val: uint16 arrays (memory-mapped from disk)."""
-    train: np.ndarray
-    val: np.ndarray
-    meta: dict
-    path: str
-    cached: bool = False                  # True when loaded from an existing cache
-
-    def __repr__(self):
-        return (f"TokenData({self.path!r}, train={len(self.train):,} tokens, "
-                f"val={len(self.val):,} tokens, cached={self.cached})")
-
-
-def _cache_key(sources, settings, enc):
-    described = {"format": TOKENS_VERSION, "sources": sources, "settings": settings,
-                 "tokenizer": enc.name, "vocab_sha256": vocab_hash(enc)}
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _open_tokens(path, n):
-    if n == 0:
-        return np.zeros(0, DTYPE)       # np.memmap cannot map an empty file
-    return np.memmap(path, dtype=DTYPE, mode="r", shape=(n,))
-
-
-def scan_tokens(path, block=1 << 20):
-    """(CRC-32 of the file as 8 hex digits, its largest token id or -1 if empty), in one pass of
-    1 MiB reads. CRC-32 detects accidental damage (zeros, 0xFFFF bytes, a foreign file), which is
-    what can happen to a cache, at ~2-3 GB/s; nothing here needs a cryptographic hash."""
-    crc, top = 0, -1
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            crc = zlib.crc32(chunk, crc)
-            ids = np.frombuffer(chunk, DTYPE, count=len(chunk) // np.dtype(DTYPE).itemsize)
-            if len(ids):
-                top = max(top, int(ids.max()))
-    return f"{crc:08x}", top
-
-
-def _cache_problem(folder, meta, key, n_vocab):
-    """Why the cache in folder (with this meta.json) cannot be trusted, or None."""
-    if meta.get("format") == 1:
-        return "it was made by an older version of nanoternary, without checksums"
-    if meta.get("format") != FORMAT_VERSION:
-        return f"format {meta.get('format')}, expected {FORMAT_VERSION}"
-    if key is not None and meta.get("key") != key:
-        return f"meta.json is for key {meta.get('key')}, expected {key}"
-    for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
-        expected = meta[f"{split}_tokens"] * np.dtype(DTYPE).itemsize
-        actual = os.path.getsize(path) if os.path.exists(path) else None
-        if actual != expected:
-            return (f"{split}.bin has {actual} bytes, meta.json says {expected}"
-                    if actual is not None else f"{split}.bin is missing")
-    for split in ("train", "val"):
-        crc, top = scan_tokens(os.path.join(folder, f"{split}.bin"))
-        recorded = meta["crc32"][f"{split}.bin"]
-        if crc != recorded:
-            return f"{split}.bin does not match its checksum (CRC-32 {crc}, meta.json says {recorded})"
-        if top >= n_vocab:
-            return f"{split}.bin holds token id {top}, not below the vocabulary size {n_vocab}"
-    return None
-
-
-def load_cache(folder, key=None, n_vocab=None):
-    """The TokenData in folder if complete and consistent, else None (with a one-line message on
-    stderr if a broken cache was found there). key, when given, must match the one meta.json was
-    written for; n_vocab (default: GPT-2's) bounds the token ids.
-    Checks: meta.json parses, has our format version and key, each .bin holds exactly the number of
-    tokens meta.json says (a truncated file fails this), matches the CRC-32 meta.json records (a
-    file overwritten at the same size fails this) and has no id >= n_vocab."""
-    meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path):
-        if os.path.isdir(folder) and os.listdir(folder):
-            print(f"cache {folder} is incomplete (no meta.json, an interrupted run?); rebuilding",
-                  file=sys.stderr)
-        return None
-    n_vocab = get_encoding().n_vocab if n_vocab is None else n_vocab
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        problem = _cache_problem(folder, meta, key, n_vocab)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        problem = f"meta.json is unreadable ({brief(e)})"
-    except OSError as e:
-        problem = f"it cannot be read ({brief(e)})"
-    if problem:
-        what = "cannot be trusted" if problem.startswith("it ") else "is corrupt"
-        print(f"cache {folder} {what} ({problem}); rebuilding", file=sys.stderr)
-        return None
-    train = _open_tokens(os.path.join(folder, "train.bin"), meta["train_tokens"])
-    val = _open_tokens(os.path.join(folder, "val.bin"), meta["val_tokens"])
-    return TokenData(train, val, meta, folder, cached=True)
-
-
-def remove_stale_cache_temps(tokens_dir):
-    """Temporary files of dead processes (kill -9 during a build) in every folder under tokens_dir."""
-    try:
-        folders = sorted(os.listdir(tokens_dir))
-    except OSError:
-        return
-    removed = [p for name in folders for p in remove_stale_temps(os.path.join(tokens_dir, name))]
-    if removed:
-        print(f"removed {len(removed)} temporary file(s) of a killed run under {tokens_dir}", file=sys.stderr)
-
-
 def _build(folder, key, chunks, *, source, sources, settings, enc, num_threads, verbose, label, stats=None):
+    """Tokenize into `folder` and return its TokenData. meta.json is what makes a folder trusted, so
+    it is written last; but the token files, the long part of the work, are complete before it.
+    So their meta.json is written first as meta.json.pending, with their checksums, while they are
+    still under temporary names; then they are renamed into place, then meta.json.pending is renamed
+    to meta.json. A process killed between the two renames (kill -9, a power cut) leaves complete
+    token files and their pending meta.json, which load_cache checks and completes: nothing is
+    tokenized twice."""
     meta_path = os.path.join(folder, "meta.json")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if os.path.exists(meta_path):
-            os.remove(meta_path)            # from here on the folder is untrusted until the end
-        start = time.time()
-        try:
-            with progress_bar(label, verbose) as bar:
-                counts = _write_tokens(chunks, folder, enc, num_threads=num_threads, bar=bar,
-                                       label=", ".join(s["path"] for s in sources), **settings)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                if not os.listdir(folder):
-                    os.rmdir(folder)        # leave no empty folder behind either
-            raise
+    start = time.time()
+
+    def finish(counts, temps):                      # the token files are complete, not yet in place
         seconds = time.time() - start
-        crc32 = {name: scan_tokens(os.path.join(folder, name))[0] for name in ("train.bin", "val.bin")}
+        crc32 = {name: scan_tokens(tmp)[0] for name, tmp in temps.items()}
         meta = {"format": FORMAT_VERSION, "key": key, "source": source, "sources": sources, **settings,
                 "tokenizer": enc.name, "n_vocab": enc.n_vocab, "vocab_sha256": vocab_hash(enc),
                 "eot": enc.eot_token, "dtype": np.dtype(DTYPE).name, "crc32": crc32, **counts,
                 "seconds": round(seconds, 3), "tokens_per_s": round(counts["tokens"] / max(seconds, 1e-9)),
                 **(stats or {})}
-        write_json(meta_path, meta)         # last: from now on the folder is trusted
+        write_json(meta_path + ".pending", meta)
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for stale in (meta_path, meta_path + ".pending"):
+            if os.path.exists(stale):
+                os.remove(stale)            # from here on the folder is untrusted until the end
+        try:
+            with progress_bar(label, verbose) as bar:
+                _write_tokens(chunks, folder, enc, num_threads=num_threads, bar=bar, finish=finish,
+                              label=", ".join(s["path"] for s in sources), **settings)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if not os.listdir(folder):
+                    os.rmdir(folder)        # leave no empty folder behind either
+            raise
+        promote_meta(meta_path)                 # last: from now on the folder is trusted
     except OSError as e:                    # the sources' read errors are DataError or HubUnreachable by now
         raise cannot_write(e, os.path.dirname(os.path.dirname(folder))) from None
     data = load_cache(folder, key, enc.n_vocab)
@@ -352,6 +250,9 @@ def _build(folder, key, chunks, *, source, sources, settings, enc, num_threads, 
     if data.meta["val_documents"] == 0 and settings["val_fraction"] > 0:
         print(f"note: only {data.meta['documents']} document(s), so the validation split is empty",
               file=sys.stderr)
+    note = stale_note(os.path.dirname(folder))
+    if note:
+        print(note, file=sys.stderr)
     return data
 
 
@@ -384,7 +285,7 @@ def prepare(data=None, *, max_tokens=None, val_fraction=VAL_FRACTION, seed=0, ca
         settings = {"val_fraction": val_fraction, "seed": seed,
                     "max_tokens": HUB_MAX_TOKENS if max_tokens is None else max_tokens}
         sources = [{"path": f"hf://{HUB_DATASET}/{HUB_SHARD.format(0).replace('000', '*')}"}]
-        key = _cache_key(sources, settings, enc)
+        key = cache_key(sources, settings, enc)
         folder = os.path.join(tokens_dir, f"fineweb-edu-{key}")
         cached = load_cache(folder, key, enc.n_vocab)
         if cached is not None:
@@ -407,21 +308,42 @@ def prepare(data=None, *, max_tokens=None, val_fraction=VAL_FRACTION, seed=0, ca
                           enc, num_threads, verbose)
 
 
+def _folders_of_key(tokens_dir, key, preferred):
+    """The cache folders for `key` (any name; `preferred` first)."""
+    try:
+        names = sorted(n for n in os.listdir(tokens_dir) if n.endswith("-" + key))
+    except OSError:
+        names = []
+    others = [os.path.join(tokens_dir, n) for n in names if os.path.join(tokens_dir, n) != preferred]
+    return [preferred] + others
+
+
 def _prepare_files(files, source, max_tokens, val_fraction, seed, tokens_dir, enc, num_threads, verbose):
     files = [os.path.abspath(p) for p in files]
     for path in files:
         check_file(path)
-    sources = [{"path": p, "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in files]
+    try:
+        hashes, memo = fingerprints(files, tokens_dir, save=False)
+    except OSError as e:
+        raise DataError(f"cannot read {getattr(e, 'filename', None) or files[0]} ({e.strerror or brief(e)})") from None
+    # the key holds what the files contain, in order, not where they are or when they were touched
+    # (caches.py): the same bytes by another path, or touched, are the same data
     settings = {"val_fraction": val_fraction, "seed": seed, "max_tokens": max_tokens}
-    key = _cache_key(sources, settings, enc)
-    name = source if source != "files" else "".join(
-        c if c.isalnum() or c in "-_." else "_" for c in os.path.splitext(os.path.basename(files[0]))[0])
+    key = cache_key([{"sha256": h, "bytes": os.path.getsize(p)} for p, h in zip(files, hashes)], settings, enc)
+    sources = [{"path": p, "bytes": os.path.getsize(p), "sha256": h} for p, h in zip(files, hashes)]
+    name = source if source != "files" else "".join(     # a readable prefix, short enough for any file system
+        c if c.isalnum() or c in "-_." else "_" for c in os.path.splitext(os.path.basename(files[0]))[0])[:40]
     folder = os.path.join(tokens_dir, f"{name}-{key}")
-    cached = load_cache(folder, key, enc.n_vocab)
-    if cached is not None:
-        return cached
-    return _build(folder, key, file_chunks(files), source=source, sources=sources, settings=settings,
-                  enc=enc, num_threads=num_threads, verbose=verbose, label=name)
+    data = None
+    for other in _folders_of_key(tokens_dir, key, folder):     # the same bytes under another file name
+        data = load_cache(other, key, enc.n_vocab)
+        if data is not None:
+            break
+    if data is None:
+        data = _build(folder, key, file_chunks(files), source=source, sources=sources, settings=settings,
+                      enc=enc, num_threads=num_threads, verbose=verbose, label=name)
+    save_fingerprints(tokens_dir, memo)     # once the cache is there: a failed run leaves nothing
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,25 +408,52 @@ def summary(data):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m nanoternary.data",
         description="Tokenize text into GPT-2 token files under data/tokens/ (reused when unchanged) "
                     "and print document and token counts for train and validation.")
     parser.add_argument("--data", action="append", metavar="GLOB",
                         help="a path or glob of .parquet (column 'text'), .jsonl or .txt files; repeat for more "
                              "(default: FineWeb-Edu sample-10BT, or Python's documentation when offline)")
-    parser.add_argument("--max-tokens", type=int, metavar="N", default=None,
+    parser.add_argument("--max-tokens", type=number(int, "[1, inf)"), metavar="N", default=None,
                         help=f"cap on tokens, separators included (default: all; FineWeb-Edu: {HUB_MAX_TOKENS:,})")
-    parser.add_argument("--val-fraction", type=float, metavar="F", default=VAL_FRACTION,
+    parser.add_argument("--val-fraction", type=number(float, "[0, 1)"), metavar="F", default=VAL_FRACTION,
                         help=f"share of documents held out for validation (default: {VAL_FRACTION})")
-    parser.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the train/validation split (default: 0)")
+    parser.add_argument("--seed", type=number(int, "[0, inf)"), metavar="S", default=0,
+                        help="seed of the train/validation split (default: 0)")
     parser.add_argument("--cache-dir", metavar="DIR", default="data", help="where caches go (default: data)")
-    parser.add_argument("--threads", type=int, metavar="N", default=None, help="tokenizer threads (default: all cores)")
+    parser.add_argument("--threads", type=number(int, "[1, inf)"), metavar="N", default=None,
+                        help="tokenizer threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--bench", action="store_true",
                         help="time the pipeline against tiktoken alone on --data (nothing is cached)")
+    parser.add_argument("--caches", action="store_true",
+                        help="list the caches under --cache-dir: size, state (current or stale) and sources")
+    parser.add_argument("--remove-stale", action="store_true",
+                        help="remove the caches that can never be used again (their files changed or gone, "
+                             "an older version's, a stopped build)")
     args = parser.parse_args(argv)
+    safe_output()
+    if args.threads is not None:
+        try:
+            check_threads(args.threads, "--threads")
+        except ValueError as e:
+            parser.error(str(e))
+    tokens_dir = os.path.join(args.cache_dir, "tokens")
+    if args.caches or args.remove_stale:
+        caches = remove_stale(tokens_dir) if args.remove_stale else list_caches(tokens_dir)
+        if args.json:
+            print(json.dumps(caches))
+            return 0
+        for c in caches:
+            print(f"{'removed ' if args.remove_stale else ''}{c['folder']}  {c['bytes'] / 1e6:,.1f} MB  {c['state']}"
+                  + (f" ({c['why']})" if c["why"] else "") + (f"  {', '.join(c['sources'])}" if c["sources"] else ""))
+        total = sum(c["bytes"] for c in caches)
+        print(f"{'removed' if args.remove_stale else 'in all:'} {len(caches)} cache(s), {total / 1e6:,.1f} MB"
+              + ("" if args.remove_stale or not any(c["state"] == "stale" for c in caches) else
+                 "; --remove-stale removes the stale ones"))
+        return 0
     try:
         if args.bench:
             if not args.data:
@@ -527,6 +476,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory while tokenizing; use --threads 1 (fewer batches in flight) or free memory",
+              file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"path": data.path, "cached": data.cached, **data.meta}))
     else:
@@ -535,4 +488,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -401,3 +401,14 @@ def test_bench_prints_one_json_object():
     r = json.loads(out.stdout)
     assert r["tokens_per_s"] > 0 and r["head"] == "adaptive" and r["loss_frac"] == 1.0
     assert abs(sum(r["shares"].values()) - 1.0) < 0.01 and r["shares"]["head forward"] > 0
+
+
+def test_fused_nll_equals_plain(setup):
+    from nanoternary.fast.adaptive_head import adaptive_nll_fused
+    cmap, y, h, W_head, tails = setup
+    for scale in (0.3, 30.0):
+        want = adaptive_nll(h * scale, W_head, tails, cmap, y)
+        for chunk in (3, 1024):
+            got = adaptive_nll_fused(h * scale, W_head, tails, cmap, y, chunk)
+            assert got.dtype == np.float64
+            np.testing.assert_allclose(got, want, rtol=1e-12)

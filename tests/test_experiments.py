@@ -1,5 +1,7 @@
 """Experiments a learner runs: a float core (--no-ternary), the equal-wall-clock comparison tool,
-the report of every run, --init-from and the evaluation of any checkpoint on any text."""
+the report of every run, --init-from and the evaluation of any checkpoint on any text. (The float
+core's gradient check is gradcheck.py's "model, ..." checks: they run the model with ternary=False,
+which is what --no-ternary trains.)"""
 import json
 import os
 import signal
@@ -14,19 +16,9 @@ from test_train import ROOT, TINY, corpus, read_log, write_corpus  # noqa: F401 
 import train  # noqa: E402  (test_train put the repository on sys.path)
 from nanoternary.checkpoint import load_checkpoint
 from nanoternary.data import get_batch, prepare
-from nanoternary.gradcheck import check_model
 from nanoternary.model import Model, ModelConfig, quantize
 
 SAMPLE = os.path.join(ROOT, "sample.py")
-
-
-def test_the_float_core_passes_its_gradient_check():
-    """--no-ternary trains the core's four matrices as plain floats: the model's gradients are then
-    the exact ones, every parameter against float64 central differences."""
-    errors = check_model(np.random.default_rng(0))
-    assert len(errors) == 14 and "block.glu.up.w" in errors        # every parameter of the tiny model
-    for name, err in errors.items():
-        assert err < 1e-6, (name, err)
 
 
 def test_no_ternary_trains_samples_and_refuses_to_pack(corpus, capsys):

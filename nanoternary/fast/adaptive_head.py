@@ -17,7 +17,9 @@ GEMMs and the one-hot and uniform terms are added to dx and dW directly,
 
 The head's (rows, S + J) logits are computed `chunk` rows at a time in a buffer kept per thread
 between calls (_kept): 1,024 rows x 4,098 logits x 4 bytes = 17 MB for the default split. The tails'
-logits go into a second one: a fresh array per step would pay its page faults again every step.
+logits, `chunk` rows at a time too, go into a second one (at most 1,024 x 33,873 x 4 bytes = 139 MB,
+when that many rows reach the largest tail): a fresh array per step would pay its page faults
+again every step. adaptive_nll_fused, for evaluation, uses the same buffers.
 (Buffers of their own, not fast/head.py's: a process that runs both heads, as tools/bench does,
 would otherwise swap the full head's 206 MB buffer for a small one and back at every step.)
 """
@@ -123,9 +125,11 @@ def adaptive_ce_fused(h, W_head, tails, cmap, targets, rows=None, label_smoothin
                 xr = hs[r]                                     # gathered once
                 zr = xr @ P.T                                  # (k, d_t)
             dz = np.empty_like(zr)
-            loss += _level(zr, W, pos[r], eps, z, scale, dz, dW, 0,
-                           _bound(max_row_norm(zr), norms_tail[t - 1]),
-                           _kept("tail", r.size, W.shape[0], h.dtype))
+            bound = _bound(max_row_norm(zr), norms_tail[t - 1])
+            tbuf = _kept("tail", min(chunk, r.size), W.shape[0], h.dtype)
+            for i in range(0, r.size, chunk):                  # chunk rows at a time, as the head
+                loss += _level(zr[i:i + chunk], W, pos[r[i:i + chunk]], eps, z, scale, dz[i:i + chunk], dW, 0,
+                               bound, tbuf)
             with section("head backward"):
                 dhs[r] += dz @ P                               # r: distinct rows
                 dts.append((dz.T @ xr, dW))
@@ -147,3 +151,28 @@ def adaptive_ce_fused(h, W_head, tails, cmap, targets, rows=None, label_smoothin
         dh = np.zeros_like(h)
         np.add.at(dh, rows, dhs)   # add.at: a row listed twice gets both gradients (see embedding.py)
     return loss * scale, dh, dW_head, dtails
+
+
+def adaptive_nll_fused(h, W_head, tails, cmap, targets, chunk=DEFAULT_CHUNK):
+    # h (N,C), targets (N,) token ids -> nll (N,) float64: ops.adaptive_head.adaptive_nll, chunked
+    """-log p(target) of every row, `chunk` rows at a time in the kept buffers (evaluation): the
+    head level's log-softmax at the target's column, plus its tail's for the rows of each tail."""
+    out = np.empty(h.shape[0], dtype=np.float64)
+    cl, head_y, pos = cmap.token_cluster[targets], cmap.head_targets(targets), cmap.position[targets]
+
+    def nll_rows(x, W, y, buf):                 # rows x through logits x @ W^T -> lse - l_y (float64)
+        L = buf[:x.shape[0]]
+        np.matmul(x, W.T, out=L)
+        ly = L[np.arange(x.shape[0]), y].astype(np.float64)
+        m, s = _exp_inplace(L)
+        return m.astype(np.float64) + np.log(s.astype(np.float64)) - ly
+    buf = _kept("head", min(chunk, max(h.shape[0], 1)), W_head.shape[0], h.dtype)
+    for i in range(0, h.shape[0], chunk):
+        out[i:i + chunk] = nll_rows(h[i:i + chunk], W_head, head_y[i:i + chunk], buf)
+    for t, (P, W) in enumerate(tails, start=1):
+        r = np.flatnonzero(cl == t)
+        tbuf = _kept("tail", min(chunk, max(r.size, 1)), W.shape[0], h.dtype)
+        for i in range(0, r.size, chunk):
+            rows = r[i:i + chunk]
+            out[rows] += nll_rows(h[rows] @ P.T, W, pos[rows], tbuf)
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 from .. import model as M
 from ..ops.adaptive_head import adaptive_weight_grads
 from ..ops.embedding import embedding_forward
-from .adaptive_head import adaptive_ce_fused
+from .adaptive_head import adaptive_ce_fused, adaptive_nll_fused
 from .head import DEFAULT_CHUNK, max_row_norm, nll_fused, softmax_ce_fused
 from .hier_head import hier_ce_fused
 from .profile import section
@@ -150,14 +150,18 @@ def _head(model, h, targets, rows, denom, label_smoothing, z_loss, train_embed, 
 
 
 def nll(model, idx, targets, workers=None, chunk=DEFAULT_CHUNK):
-    # idx, targets (B,T) -> (B,T) float64: model.nll, one shard per core, the full head chunked
+    # idx, targets (B,T) -> (B,T) float64: model.nll, one shard per core, the full and adaptive heads chunked
     idx, targets = model.check_ids(idx), np.asarray(targets)
+    if model.cfg.head == "adaptive":
+        W_head, tails, cmap = M.head_weights(model.params, model.cfg, model.class_map)    # once, for every shard
 
     def shard(b0, b1):
-        if model.cfg.head != "full":            # the cheap heads' plain nll: no (N, V) logits to avoid
+        if model.cfg.head == "hier":            # the plain nll: no large logits to avoid
             return model.nll(idx[b0:b1], targets[b0:b1])
-        h = model.hidden(idx[b0:b1])
-        return nll_fused(h, model.params["embed.w"], targets[b0:b1].reshape(-1), chunk).reshape(b1 - b0, -1)
+        h, y = model.hidden(idx[b0:b1]), targets[b0:b1].reshape(-1)
+        if model.cfg.head == "adaptive":
+            return adaptive_nll_fused(h, W_head, tails, cmap, y, chunk).reshape(b1 - b0, -1)
+        return nll_fused(h, model.params["embed.w"], y, chunk).reshape(b1 - b0, -1)
     return np.concatenate(run_shards(shard, split(targets.shape[0], workers or default_workers())))
 
 

@@ -21,7 +21,6 @@ One run per variant: on a shared machine the same run can differ by a few hundre
 one sitting to the next (the number of steps it gets in the minutes varies); differences smaller
 than that are not findings. docs/experiments.md shows races and how sure each is.
 """
-import argparse
 import json
 import os
 import shlex
@@ -29,6 +28,7 @@ import subprocess
 import sys
 
 from .. import runlog
+from ..config import OneLineParser, number
 from .bench import check_peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,14 +127,14 @@ def main(argv=None):
     if "--" in argv:
         i = argv.index("--")
         argv, common = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(prog="python -m nanoternary.tools.compare", description=__doc__.split("\n\n")[0],
+    ap = OneLineParser(prog="python -m nanoternary.tools.compare", description=__doc__.split("\n\n")[0],
                                  epilog="Example: python -m nanoternary.tools.compare --minutes 10 "
                                         "ternary=\"\" float=\"--no-ternary\"")
     ap.add_argument("variants", nargs="*", metavar='NAME="FLAGS"', help="a variant: its name and its train.py flags")
-    ap.add_argument("--minutes", type=float, default=10.0, help="wall clock per variant (default 10)")
+    ap.add_argument("--minutes", type=number(float, "(0, inf)"), default=10.0, help="wall clock per variant (default 10)")
     ap.add_argument("--data", action="append", help="parquet/jsonl/txt globs (default: train.py's default data)")
     ap.add_argument("--out", default="runs/compare", help="folder for the runs (default runs/compare)")
-    ap.add_argument("--seed", type=int, default=0, help="the initialisation and batches of every variant (default 0)")
+    ap.add_argument("--seed", type=number(int, "[0, inf)"), default=0, help="the initialisation and batches of every variant (default 0)")
     ap.add_argument("--peer", nargs="?", const=sys.executable, metavar="PYTHON",
                     help="also train the PyTorch peer (tools/torch_train_peer.py), with this python or, "
                          "without PYTHON, this one (pip install -e \".[peer]\")")
