@@ -1,6 +1,8 @@
 """The adaptive softmax head: an exact distribution over all V tokens, the loss it trains, the
-cluster map, PyTorch's AdaptiveLogSoftmaxWithLoss as a second implementation, and the fast version
-equal to the plain one."""
+cluster map, PyTorch's AdaptiveLogSoftmaxWithLoss as a second implementation, the fast version
+equal to the plain one; and the head everywhere a head works: the model without data, train.py
+(the cluster map from the data's counts, resume, --init-from, bad flags), sample.py, the packed
+export, evaluation, the checkpoint's checks, tools/bench. (MPI: tests/test_mpi.py.)"""
 import numpy as np
 import pytest
 

@@ -4,7 +4,7 @@ products of one position, packed checkpoints, and the sampling loop.
 The reference for everything is the model itself: `Model.log_probs` over the whole sequence in one
 pass. Incremental decoding (one batched prompt pass, then one token at a time through the ring
 buffers) must give the same log-probabilities at every position, for prompts shorter and longer than
-the receptive field, both kernels and both heads. Run: python -m pytest -q tests/test_generate.py
+the receptive field, both kernels and every head. Run: python -m pytest -q tests/test_generate.py
 """
 import json
 

@@ -1,4 +1,4 @@
-"""Every op, both heads, the whole model and the fast step against float64 central differences:
+"""Every op, every head, the whole model and the fast step against float64 central differences:
 the checks of `python -m nanoternary.gradcheck`, one test each."""
 import numpy as np
 import pytest
