@@ -34,11 +34,11 @@ from nanoternary.config import setting
 from nanoternary.data import DataError, get_batch, prepare, val_windows
 from nanoternary.fast import dist, profile
 from nanoternary.fast import step as fast
-from nanoternary.fast.dist import GradBuffer
+from nanoternary.fast.dist import WIRES, DataParallel
 from nanoternary.fast.optim import FastAdamW, FastEMA, FastNorMuon
 from nanoternary.fast.threads import available_cores, default_workers, set_threads
 from nanoternary.model import Model, ModelConfig, n_hier_classes
-from nanoternary.optim import accumulate, clip_grad_norm, cosine, split_params, wsd
+from nanoternary.optim import clip_grad_norm, cosine, split_params, wsd
 
 
 @dataclass
@@ -88,13 +88,18 @@ class TrainConfig:
                            range="[0, inf)")
     dtype: str = setting("float32", "of the weights and the step (float64: exact comparisons)",
                          choices=("float32", "float64"))
+    grad_wire: str = setting("full", "under mpiexec, the gradients cross between processes in full (their "
+                             "dtype), or in bfloat16 or float16: half the bytes, sums in float32 (docs/mpi.md)",
+                             choices=WIRES)
+    peer_timeout: float = setting(30.0, "under mpiexec, seconds of silence after which a process counts as "
+                                  "lost and the job stops (0: wait forever)", range="[0, inf)")
 
     def __post_init__(self):
         self.curriculum = tuple(self.curriculum)
         config.check(self)
 
 
-CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out")   # may differ on --resume
+CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out", "grad_wire", "peer_timeout")   # may differ on --resume
 
 
 class Stop(Exception):
@@ -116,7 +121,10 @@ class Run:
         self.cfg, self.comm = cfg, comm
         self.data = dist.rank0_first(comm, lambda: prepare(cfg.data, max_tokens=cfg.data_tokens, seed=cfg.data_seed,
                                                            val_fraction=cfg.val_fraction))   # the cache, once
-        if self.data.meta["key"] != comm.bcast(self.data.meta["key"]):      # another machine found other data
+        # the tokens themselves (counts, CRC-32s), not the cache key, which hashes the files' paths and
+        # times and so differs between machines: a machine that found other data stops the job
+        tokens = [self.data.meta[k] for k in ("train_tokens", "val_tokens", "crc32")]
+        if tokens != comm.bcast(tokens):
             raise DataError(f"rank {comm.rank} prepared other data than rank 0 ({self.data.path}): every "
                             f"machine needs the same --data, or a shared data/ folder")
         if len(self.data.val) < cfg.seq_len + 1:
@@ -137,7 +145,7 @@ class Run:
         n_windows = max(1, cfg.eval_tokens // cfg.seq_len)
         self.val_set = val_windows(self.data.val, min(cfg.batch_size, n_windows), cfg.seq_len,
                                    max(1, n_windows // cfg.batch_size), seed=cfg.seed)
-        self.grad_buffer = None
+        self.dp = DataParallel(comm, cfg.grad_wire)          # the step on this rank's rows, summed over ranks
 
     # -------------------------------------------------------------------- model and state
 
@@ -185,7 +193,7 @@ class Run:
 
     def set_state(self, params, meta, opt_state, cmap_state, where):
         """The run as a checkpoint (or rank 0) left it: weights, optimizers, counters, generators."""
-        if meta.get("data", {}).get("key") != self.data.meta["key"]:
+        if self.comm.rank == 0 and meta.get("data", {}).get("key") != self.data.meta["key"]:   # others: same tokens
             raise CheckpointError(
                 f"{where} was trained on {meta.get('data', {}).get('path')} but this run's data is "
                 f"{self.data.path}: resume with the same --data (and --data-tokens, --val-fraction, --data-seed)")
@@ -234,29 +242,19 @@ class Run:
         return max(p) if p else 0.0
 
     def train_step(self):
-        cfg, model, comm = self.cfg, self.model, self.comm
+        cfg, model = self.cfg, self.model
         progress = self.progress()
         lengths = cfg.curriculum or (cfg.seq_len,)                 # equal parts of the run, one per length
         T = lengths[min(int(progress * len(lengths)), len(lengths) - 1)]
         B = max(1, cfg.batch_size * cfg.seq_len // T)              # constant tokens per step
-        b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size    # this process's sequences
         train_embed = self.step >= self.freeze_steps
         loss_frac = cfg.loss_frac if cfg.loss_frac is not None else (0.25 if model.cfg.head == "full" else 1.0)
-        loss, grads = 0.0, {}
+        batches = []
         for _ in range(cfg.grad_accum):                            # the mean over micro-batches
             x, y = get_batch(self.data.train, B, T, self.rng)      # the whole batch, the same on every rank
-            rows = model.counted_rows(B * T, loss_frac)            # positions in the loss, of the whole batch
-            mine = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
-            l, g = fast.part_loss_and_grads(model, x[b0:b1], y[b0:b1], mine, B * T if rows is None else rows.size,
-                                            label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                                            train_embed=train_embed)
-            loss += l / cfg.grad_accum
-            grads = g if cfg.grad_accum == 1 else accumulate(grads, g, 1.0 / cfg.grad_accum)
-        if comm.size > 1:                                          # the sum over processes: one Allreduce
-            if self.grad_buffer is None or not self.grad_buffer.fits(grads):
-                self.grad_buffer = GradBuffer(grads)
-            with profile.section("allreduce"):
-                grads, (loss,) = self.grad_buffer.allreduce(comm, grads, [loss])
+            batches.append((x, y, model.counted_rows(B * T, loss_frac)))   # positions in the loss, of the whole batch
+        loss, grads = self.dp.loss_and_grads(model, batches, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                                             train_embed=train_embed)     # this rank's rows, summed over ranks
         if not math.isfinite(loss):
             raise Stop(f"step {self.step + 1}: the training loss is {loss}")
         norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else None
@@ -474,6 +472,7 @@ def main(argv=None):
     if comm.size > 1 and not cfg.threads:     # the machine's cores, shared by its processes
         cfg.threads = max(1, available_cores() // comm.local_size)
     try:
+        comm.watch(cfg.peer_timeout)          # from here on, a lost process stops the job (fast/dist.py)
         return train(cfg, model_cfg, resume, show_profile, overwrite, comm)
     except ONE_LINE as e:
         comm.fail(f"error: {e}")              # with several processes: all of them stop

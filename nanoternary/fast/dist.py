@@ -6,25 +6,58 @@ across the cores of one process.
 Every process (a "rank") holds the whole model and the same optimizer state. At each step every rank
 draws the same global batch from the same seeded generator and takes its own rows; it computes the
 gradient of its rows' share of the loss (each share divided by the count of the whole batch, so the
-shares add up to the mean); one in-place Allreduce sums the gradients, and every rank applies the
+shares add up to the mean); the gradients are summed over the ranks, and every rank applies the
 same update. So N processes train the same model as one process with the same global batch, up to
 the order of floating-point sums.
 
     comm = world()              # Single() without mpiexec: nothing imported, nothing changes
     comm.rank, comm.size
-    bucket = GradBuffer(grads)  # one contiguous buffer for all gradients (and a few scalars)
-    bucket.allreduce(grads)     # copy in, one Allreduce in place, the gradients now views of the sum
+    comm.watch(timeout)         # from now on a lost rank ends the job within `timeout` seconds
+    dp = DataParallel(comm, wire="full")
+    loss, grads = dp.loss_and_grads(model, [(x, y, rows)])   # the global batch's; the same everywhere
     comm.bcast(value)           # rank 0's value on every rank (the run's control: clock, Ctrl-C)
+    comm.allreduce_(buf)        # buf := its sum over the ranks, in place
     comm.fail(message)          # a failing rank stops the whole job instead of leaving it hanging
+
+What crosses the wire. With the embedding trained, 13.6M gradients (54 MB in float32) are summed at
+every step; on a 1 Gbit/s link that takes longer than the step's compute. Two things help, and both
+leave every rank with the same update:
+
+- Overlap. The tied embedding's gradient has two parts: the head's (dE = dlogits^T h, 12.9M
+  numbers, final as soon as the head's backward is done, FIRST) and the lookup's (the rows of the
+  batch's tokens, final LAST, after the body's backward). So the head's dE goes on the wire in a
+  thread while the body's backward runs (fast/step.py calls `head_done`), and the lookup's rows
+  follow with the core's gradients, summed as a small dense block over the global batch's tokens.
+- A 16-bit wire (`wire="bfloat16"` or `"float16"`): each number crosses in 2 bytes, the sums are
+  made in float32 (ring_allreduce_), half the bytes; off by default (docs/mpi.md: its effect on the
+  loss).
+
+A lost rank (its machine or the link to it gone, its process killed) leaves the others waiting in a
+collective call forever: MPI has no timeout. So every rank keeps a side connection to rank 0 (plain
+TCP, next to MPI's) and a thread that sends a sign of life every second and watches for the peers'
+(Watchdog). A peer silent for `timeout` seconds, or whose connection closes, ends the job with one
+line naming it; so does a Ctrl-C while a peer is silent.
 
 Launched by mpiexec is told by the environment variables it sets (MPICH's PMI_SIZE, Open MPI's
 OMPI_COMM_WORLD_SIZE, PMIx's PMIX_RANK); only then is mpi4py imported.
 """
 import os
+import select
+import signal
 import socket
 import sys
+import threading
+import time
 
 import numpy as np
+
+from . import step
+from .profile import section
+
+POLL = 2e-4             # seconds between tests of a pending MPI operation (waiting without a busy core)
+SEGMENT = 1 << 20       # numbers per message of the 16-bit ring
+WIRES = ("full", "bfloat16", "float16")
+
 
 def launched_size():
     """How many processes mpiexec started, from its environment (1 when it did not start this one;
@@ -48,6 +81,9 @@ class Single:
     def barrier(self):
         pass
 
+    def watch(self, timeout):
+        pass
+
     def fail(self, message, code=1):
         print(message, file=sys.stderr, flush=True)
 
@@ -61,6 +97,8 @@ class MPIWorld:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()   # ranks on this machine
         self.hosts = self.comm.allgather((socket.gethostname(), os.getpid()))
+        self.background = self.comm.Dup()         # for the reduction that runs in a thread
+        self.watchdog = None
 
     def bcast(self, value):
         return self.comm.bcast(value, root=0)
@@ -73,11 +111,414 @@ class MPIWorld:
     def barrier(self):
         self.comm.Barrier()
 
+    def watch(self, timeout):
+        """From now on, a rank that is lost ends the job within `timeout` seconds (0: never watch).
+        Every rank calls it at the same point."""
+        if timeout and self.watchdog is None:
+            self.watchdog = Watchdog(self, timeout)
+
     def fail(self, message, code=1):
         """Print the message and end every process of the job (MPI_Abort): the others may be waiting
         in a collective call for this one, forever."""
         print(f"rank {self.rank}: {message}; stopping all {self.size} processes", file=sys.stderr, flush=True)
+        if self.watchdog is not None:
+            self.watchdog.say(b"f")               # "I end the job": the others need not report me lost
+        if self.rank:
+            time.sleep(0.5)     # the message travels through mpiexec's proxy on this machine: an abort overtakes it
         self.comm.Abort(code)
+
+    def wait(self, requests):
+        """Wait for nonblocking MPI operations without keeping a core busy (MPI's own Wait polls
+        flat out, which takes a core from the compute that the wait overlaps)."""
+        while not self.MPI.Request.Testall(requests):
+            time.sleep(POLL)
+
+
+# ------------------------------------------------------------------------------------ lost ranks
+
+
+class Watchdog:
+    """Signs of life between rank 0 and every other rank, on TCP connections of their own, and the
+    end of the job when one stops:
+
+    - every rank sends a byte to its peers (rank 0: every rank; the others: rank 0) each second,
+      from a thread, whatever the main thread is doing (MPI and NumPy release Python's lock);
+    - a peer whose connection closes (its process ended: killed, or failed) or that has been silent
+      for `timeout` seconds (its machine or the link is down: nothing arrives at all) is lost: this
+      rank prints one line naming it and its host and calls MPI_Abort from this thread (the main
+      thread may sit in a collective call that never returns). mpiexec then ends the job without
+      waiting for the lost host's processes (it would wait for them forever after a plain exit),
+      and those, finding rank 0 silent in turn, stop themselves the same way;
+    - a Ctrl-C or SIGTERM (seen through signal.set_wakeup_fd, even while the main thread sits in an
+      MPI call) while a peer has been silent for GRACE seconds stops the job at once, with the same
+      line, instead of waiting for a step that cannot finish.
+
+    A peer says "b" (bye) before a normal exit, and "f" when it ends the job itself (comm.fail, or a
+    lost peer of its own), so that neither is reported as lost."""
+    INTERVAL, GRACE, ENDING = 1.0, 3.0, 10.0
+
+    def __init__(self, world, timeout):
+        self.world, self.timeout = world, float(timeout)
+        self.me = world.rank
+        self.peers = list(range(1, world.size)) if self.me == 0 else [0]
+        self.socks = self._connect(world)         # {peer: its connection}
+        now = time.monotonic()
+        self.heard = {p: now for p in self.peers}  # when each peer still connected was last heard from
+        self.said = {p: b"" for p in self.peers}
+        self.signal_at, self.signal_name = None, None
+        self.wake_r, wake_w = socket.socketpair()
+        for s in (self.wake_r, wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        self._wake_w = wake_w                      # kept open for the life of the process
+        import atexit
+        atexit.register(self.say, b"b")
+        threading.Thread(target=self._run, name="nanoternary-watchdog", daemon=True).start()
+
+    def _connect(self, world):
+        """rank 0 listens on every address; the others connect to rank 0's host name, as resolved on
+        their own machine (the name mpiexec's host file used) -> {peer: socket}."""
+        comm, socks, error = world.comm, {}, None
+        if self.me == 0:
+            dual = socket.has_dualstack_ipv6()
+            server = socket.create_server(("", 0), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                          dualstack_ipv6=dual)
+            server.settimeout(30)
+            port = server.getsockname()[1]
+        host0 = world.hosts[0][0]
+        port = comm.bcast(port if self.me == 0 else None, root=0)
+        if self.me:
+            names = [host0] + (["127.0.0.1"] if world.hosts[self.me][0] == host0 else [])
+            for name in names:
+                try:
+                    s = socket.create_connection((name, port), timeout=30)
+                    s.sendall(f"{self.me}\n".encode())
+                    socks[0] = s
+                    break
+                except OSError as e:
+                    error = f"rank {self.me} on {world.hosts[self.me][0]} cannot reach rank 0 at {name}:{port} " \
+                            f"({e}): {host0} must resolve to its network address on every machine"
+        else:
+            try:
+                for _ in self.peers:
+                    s, _ = server.accept()
+                    s.settimeout(30)
+                    rank = int(s.recv(16).split(b"\n")[0])
+                    socks[rank] = s
+            except (OSError, ValueError) as e:
+                error = f"rank 0 on {host0}: not every rank connected for the watchdog ({e})"
+            server.close()
+        errors = [e for e in comm.allgather(error) if e]
+        if errors:
+            raise ConnectionError(errors[0] + "; or run without the watchdog (--peer-timeout 0)")
+        for s in socks.values():
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return socks
+
+    def say(self, what):
+        for s in self.socks.values():
+            try:
+                s.send(what)
+            except OSError:
+                pass
+
+    def _run(self):
+        last_loop = next_beat = time.monotonic()
+        ending = None                   # when a peer that said "f" went: it is ending the job (MPI_Abort)
+        while True:
+            now = time.monotonic()
+            if now - last_loop > self.timeout / 2:     # this process was not running (suspended, swapped):
+                self.heard = {p: now for p in self.heard}   # the silence was ours, not theirs
+            last_loop = now
+            if now >= next_beat:
+                self.say(b".")
+                next_beat = now + self.INTERVAL
+            ready, _, _ = select.select([*self.socks.values(), self.wake_r], [], [], max(0.0, next_beat - now))
+            now = time.monotonic()
+            for s in ready:
+                if s is self.wake_r:
+                    self._signalled(s.recv(64), now)
+                else:
+                    ending = self._read(s, now) or ending
+            if ending is not None and now - ending > self.ENDING:    # it did not manage to: end it from here
+                self.stop(None, code=1)
+            for p, t in self.heard.items():
+                silent = now - t
+                if silent > self.timeout:
+                    self.stop(p, f"no sign of life for {silent:.0f} s (its machine, or the link to it, is down)")
+                if self.signal_at is not None and silent > self.GRACE:
+                    self.stop(p, f"no sign of life for {silent:.0f} s when {self.signal_name} arrived")
+
+    def _read(self, s, now):
+        """What peer p sent: signs of life, "b", "f", or the end of its connection (-> the time it
+        ended after saying "f", so that its own MPI_Abort, with its message, ends the job)."""
+        p = next(q for q, sock in self.socks.items() if sock is s)
+        try:
+            data = s.recv(4096)
+        except OSError as e:
+            data, why = b"", f"its connection broke ({e.strerror or e})"
+        else:
+            why = "its process ended"
+        if data:
+            self.heard[p] = now
+            self.said[p] += data.replace(b".", b"")
+            return None
+        self.socks.pop(p).close()
+        del self.heard[p]
+        if b"b" in self.said[p]:                  # said goodbye: a normal end
+            return None
+        if b"f" in self.said[p]:
+            return now
+        self.stop(p, why)
+
+    def _signalled(self, data, now):
+        for n in data:
+            if n in (signal.SIGINT, signal.SIGTERM):
+                self.signal_at, self.signal_name = now, signal.Signals(n).name
+
+    def stop(self, p, why=None, code=None):
+        """End this process: a lost peer p (one line naming it), or None (a peer ended the job)."""
+        if code is None:
+            code = {"SIGINT": 130, "SIGTERM": 143}.get(self.signal_name, 1)
+        self.say(b"f")
+        if p is not None:
+            host, pid = self.world.hosts[p]
+            me, my_host = self.me, self.world.hosts[self.me][0]
+            print(f"rank {me} on {my_host}: lost rank {p} on {host} (pid {pid}): {why}; stopping the job "
+                  f"(what was saved is intact: continue with --resume, with any number of processes)",
+                  file=sys.stderr, flush=True)
+        threading.Timer(5.0, os._exit, (code,)).start()    # in case MPI_Abort cannot end this process
+        self.world.comm.Abort(code)     # not just exit: mpiexec waits for a lost host's processes, not after an abort
+
+
+# ------------------------------------------------------------------------------------ the 16-bit wire
+
+
+def encode(x, wire):
+    # x (n,) float -> (n + 2,) uint16: the numbers in 2 bytes each, after a 2-number header (a float32 scale)
+    """bfloat16: the upper half of each float32, rounded to the nearest (ties to even): float32's
+    range, 8 bits of precision. float16: x * s in IEEE half precision, s a power of two chosen so
+    that the largest |x| lands near 2**14 (float16 alone overflows past 65504 and loses everything
+    below 6e-8, where small gradients live); 11 bits of precision, a range of 2**-24 .. 2**15 of
+    the largest. The header carries s (1 for bfloat16)."""
+    x32 = np.asarray(x, dtype=np.float32)
+    out = np.empty(x32.size + 2, dtype=np.uint16)
+    scale = np.float32(1.0)
+    if wire == "bfloat16":
+        u = x32.view(np.uint32)
+        r = u >> 16                           # the upper half, truncated ...
+        r &= 1
+        r += 0x7FFF                           # ... plus just under half a unit, or half when it is odd:
+        r += u                                # round to nearest, ties to even
+        r >>= 16
+        out[2:] = r
+    else:
+        top = float(np.max(np.abs(x32))) if x32.size else 0.0
+        if np.isfinite(top) and top > 0:
+            scale = np.float32(2.0 ** (14 - np.frexp(top)[1]))     # top * scale in [2**13, 2**14)
+        out[2:] = (x32 * scale).astype(np.float16).view(np.uint16)
+    out[:2] = np.array([scale], dtype=np.float32).view(np.uint16)
+    return out
+
+
+def decode(h, wire):
+    # h (n + 2,) uint16 -> (n,) float32: encode's numbers back
+    scale = h[:2].copy().view(np.float32)[0]
+    if wire == "bfloat16":
+        out = h[2:].astype(np.uint32)
+        out <<= 16                            # the upper half back in place, the lower half zeros
+        return out.view(np.float32)
+    out = h[2:].view(np.float16).astype(np.float32)
+    out /= scale
+    return out
+
+
+def ring_allreduce_(world, comm, x, wire):
+    """x (contiguous float array) := its sum over the ranks, in place, each number crossing in 16
+    bits and every sum made in float32 (x's own dtype if wider), the same result on every rank.
+
+    A ring, as MPI's large Allreduce does it (P ranks, x cut in P chunks): P-1 steps of reduce-scatter,
+    where each rank sends a chunk to its right neighbour and adds the one from its left into x (after
+    which rank r holds the whole sum of chunk r+1), then P-1 steps of allgather, where the summed
+    chunks travel round. Each rank sends 2(P-1)/P of x. The owner of a chunk rounds its sum to 16
+    bits and uses the rounded numbers itself, so every rank ends with the same bits. Messages go in
+    SEGMENT-sized pieces, so that encoding one overlaps sending the last."""
+    MPI, P, r = world.MPI, world.size, world.rank
+    flat = x.reshape(-1)
+    bounds = [flat.size * i // P for i in range(P + 1)]
+    right, left = (r + 1) % P, (r - 1) % P
+
+    def pieces(c):                              # chunk c in segments: [(lo, hi)]
+        lo, hi = bounds[c], bounds[c + 1]
+        return [(a, min(a + SEGMENT, hi)) for a in range(lo, hi, SEGMENT)] or [(lo, lo)]
+
+    def exchange(step, send_c, recv_c, outgoing):
+        """Send chunk send_c's segments (outgoing(lo, hi) -> encoded) right, receive chunk recv_c's
+        from the left -> [(lo, hi, encoded)] received."""
+        ins = [(lo, hi, np.empty(hi - lo + 2, dtype=np.uint16)) for lo, hi in pieces(recv_c)]
+        reqs = [comm.Irecv([h, MPI.UINT16_T], source=left, tag=step * 100000 + j) for j, (_, _, h) in enumerate(ins)]
+        keep = []
+        for j, (lo, hi) in enumerate(pieces(send_c)):
+            keep.append(outgoing(lo, hi))
+            reqs.append(comm.Isend([keep[-1], MPI.UINT16_T], dest=right, tag=step * 100000 + j))
+        world.wait(reqs)
+        return ins
+
+    for s in range(P - 1):                      # reduce-scatter
+        got = exchange(s, (r - s) % P, (r - s - 1) % P, lambda lo, hi: encode(flat[lo:hi], wire))
+        for lo, hi, h in got:
+            flat[lo:hi] += decode(h, wire)
+    own = (r + 1) % P                           # the chunk whose whole sum is here
+    encoded = {lo: encode(flat[lo:hi], wire) for lo, hi in pieces(own)}
+    for lo, hi in pieces(own):
+        flat[lo:hi] = decode(encoded[lo], wire)  # the rounded sum, as every other rank will have it
+    for s in range(P - 1):                      # allgather: pass the rounded sums on, as received
+        got = exchange(P - 1 + s, (r + 1 - s) % P, (r - s) % P, lambda lo, hi: encoded[lo])
+        encoded = {}
+        for lo, hi, h in got:
+            flat[lo:hi] = decode(h, wire)
+            encoded[lo] = h
+    return x
+
+
+def allreduce_(world, x, wire="full", comm=None):
+    """x := its sum over the ranks, in place: MPI's Allreduce for the full wire, the 16-bit ring
+    otherwise. Waits by polling (MPIWorld.wait), so that it can run in a thread beside compute."""
+    comm = comm or world.comm
+    if wire == "full":
+        world.wait([comm.Iallreduce(world.MPI.IN_PLACE, x, op=world.MPI.SUM)])
+    else:
+        ring_allreduce_(world, comm, x, wire)
+    return x
+
+
+class Pending:
+    """allreduce_(world, x, wire) running in a thread (on world.background, a communicator of its
+    own): the compute goes on meanwhile. wait() -> x summed."""
+
+    def __init__(self, world, x, wire):
+        self.x, self.error = x, None
+
+        def run():
+            try:
+                allreduce_(world, x, wire, world.background)
+            except BaseException as e:         # re-raised by wait()
+                self.error = e
+        self.thread = threading.Thread(target=run, name="nanoternary-allreduce", daemon=True)
+        self.thread.start()
+
+    def wait(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.x
+
+
+class GradBuffer:
+    """One contiguous buffer holding every gradient of a step (in a fixed order), so that the sum
+    over ranks is one Allreduce of a few large messages rather than one per tensor; a few scalars
+    (the loss) go with it, summed in float64 apart when the wire is 16-bit."""
+
+    def __init__(self, grads, n_scalars=1, wire="full"):
+        self.names = sorted(grads)
+        self.shapes = {k: grads[k].shape for k in self.names}
+        sizes = [grads[k].size for k in self.names]
+        self.offsets = np.concatenate(([0], np.cumsum(sizes))).astype(int)
+        self.wire, self.n_scalars = wire, n_scalars
+        extra = n_scalars if wire == "full" else 0
+        self.buf = np.empty(self.offsets[-1] + extra, dtype=grads[self.names[0]].dtype)
+
+    def fits(self, grads):
+        return sorted(grads) == self.names and all(grads[k].shape == self.shapes[k] for k in self.names)
+
+    def allreduce(self, comm, grads, scalars):
+        """-> (summed grads as views of the buffer, summed scalars)."""
+        n = self.offsets[-1]
+        for k, a, b in zip(self.names, self.offsets[:-1], self.offsets[1:]):
+            self.buf[a:b] = grads[k].reshape(-1)
+        if self.wire == "full":
+            self.buf[n:] = scalars
+            comm.allreduce_(self.buf)
+            sums = self.buf[n:].copy()
+        else:
+            allreduce_(comm, self.buf, self.wire)
+            sums = comm.allreduce_(np.array(scalars, dtype=np.float64))
+        out = {k: self.buf[a:b].reshape(self.shapes[k]) for k, a, b in zip(self.names, self.offsets[:-1],
+                                                                           self.offsets[1:])}
+        return out, sums
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+class DataParallel:
+    """The training step of a global batch on every rank: each rank runs fast/step.py on its rows,
+    and the loss and the gradients are summed over the ranks, so every rank ends with the loss and
+    gradient of the whole batch (and applies the same update). With one process, just the step.
+
+    wire: "full" (the gradients' own dtype), "bfloat16" or "float16" (2 bytes a number, sums in
+    float32: encode, ring_allreduce_). overlap: send the head's part of the embedding's gradient
+    while the body's backward runs (module docstring)."""
+
+    def __init__(self, comm, wire="full", overlap=True):
+        if wire not in WIRES:
+            raise ValueError(f"wire {wire!r}: one of {', '.join(WIRES)}")
+        self.comm, self.wire, self.overlap = comm, wire, overlap
+        self.bucket = None
+
+    def loss_and_grads(self, model, batches, *, label_smoothing=0.0, z_loss=0.0, train_embed=True, workers=None):
+        """batches: the global micro-batches [(x, y, rows)], the same on every rank (x, y (B,T);
+        rows: the counted positions of the whole micro-batch, or None for all) -> (loss, grads):
+        the mean over the micro-batches of the loss of the whole batch and its gradient."""
+        comm, k = self.comm, len(batches)
+        loss, grads, pending, lookup = 0.0, {}, None, None
+        for i, (x, y, rows) in enumerate(batches):
+            B, T = np.shape(y)
+            b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size    # this rank's sequences
+            mine = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
+            denom = B * T if rows is None else rows.size
+            early = comm.size > 1 and self.overlap and train_embed and i == k - 1
+
+            def head_done(grads_head):            # the last micro-batch's head is done: dE goes out now
+                nonlocal pending
+                dE = grads_head["embed.w"]
+                if k > 1:
+                    dE = grads_head["embed.w"] = grads.pop("embed.w") + dE / k
+                pending = Pending(comm, dE, self.wire)
+            out = step.part_loss_and_grads(model, x[b0:b1], y[b0:b1], mine, denom, label_smoothing=label_smoothing,
+                                           z_loss=z_loss, train_embed=train_embed, workers=workers,
+                                           head_done=head_done if early else None)
+            l, g = out[:2]
+            if early:                              # the lookup's part: rows of the global batch's tokens
+                tokens = np.unique(x)
+                lookup = np.zeros((tokens.size, g["embed.w"].shape[1]), dtype=g["embed.w"].dtype)
+                with section("embedding"):
+                    step.embedding_backward_sorted(out[2], np.searchsorted(tokens, x[b0:b1]), lookup)
+                dE = g.pop("embed.w")
+                g["embed.lookup"] = lookup
+            loss += l / k
+            if k == 1:
+                grads = g
+            else:
+                for name, v in g.items():
+                    grads[name] = grads[name] + v / k if name in grads else v / k
+        if comm.size == 1:
+            return loss, grads
+        with section("allreduce"):
+            if pending is not None:
+                dE = pending.wait()
+            if self.bucket is None or not self.bucket.fits(grads):
+                self.bucket = GradBuffer(grads, wire=self.wire)
+            grads, (loss,) = self.bucket.allreduce(comm, grads, [loss])
+        if pending is not None:
+            grads = dict(grads)
+            dE[tokens] += grads.pop("embed.lookup")     # distinct tokens: one row each, no np.add.at needed
+            grads["embed.w"] = dE
+        return float(loss), grads
+
+
+# ------------------------------------------------------------------------------------ the run's helpers
 
 
 def rank0_first(comm, fn):
@@ -120,29 +561,3 @@ def world():
             if _world.size == 1:
                 _world = Single()
     return _world
-
-
-class GradBuffer:
-    """One contiguous buffer holding every gradient of a step (in a fixed order) and a few scalars,
-    so that the sum over ranks is one Allreduce of a few large messages rather than one per tensor."""
-
-    def __init__(self, grads, n_scalars=1):
-        self.names = sorted(grads)
-        self.shapes = {k: grads[k].shape for k in self.names}
-        sizes = [grads[k].size for k in self.names]
-        self.offsets = np.concatenate(([0], np.cumsum(sizes))).astype(int)
-        self.buf = np.empty(self.offsets[-1] + n_scalars, dtype=grads[self.names[0]].dtype)
-        self.n_scalars = n_scalars
-
-    def fits(self, grads):
-        return sorted(grads) == self.names
-
-    def allreduce(self, comm, grads, scalars):
-        """-> (summed grads as views of the buffer, summed scalars)."""
-        for k, a, b in zip(self.names, self.offsets[:-1], self.offsets[1:]):
-            self.buf[a:b] = grads[k].reshape(-1)
-        self.buf[self.offsets[-1]:] = scalars
-        comm.allreduce_(self.buf)
-        out = {k: self.buf[a:b].reshape(self.shapes[k]) for k, a, b in zip(self.names, self.offsets[:-1],
-                                                                           self.offsets[1:])}
-        return out, self.buf[self.offsets[-1]:].copy()

@@ -35,10 +35,13 @@ def loss_and_grads(model, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss
 
 
 def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0, z_loss=0.0, train_embed=True,
-                        workers=None, chunk=DEFAULT_CHUNK):
+                        workers=None, chunk=DEFAULT_CHUNK, head_done=None):
     """The step for a part of a larger batch (dist.py: one process's rows of the global batch):
     the loss summed over the counted positions `rows` of this part (None: all) divided by `denom`,
-    the count of the whole batch, and its gradients. The parts' results add up to the whole's."""
+    the count of the whole batch, and its gradients. The parts' results add up to the whole's.
+    head_done(grads_head), if given, is called as soon as the head's gradients are final (dist.py
+    sends the head's dE while the backward goes on); the embedding's lookup gradient is then left
+    to the caller: -> (loss, grads, dx), dx (B,T,C) the gradient at the lookup's output."""
     idx, targets = np.asarray(idx), np.asarray(targets)          # ids checked by body_forward
     B, T = targets.shape
     shards = split(B, workers or default_workers())
@@ -48,6 +51,8 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
     # 2. the head over all N rows: the loss, dh, and the gradients of the head's weights
     loss, dh, grads_head = _head(model, h, targets.reshape(-1), rows, denom, label_smoothing, z_loss,
                                  train_embed, [(a * T, b * T) for a, b in shards], chunk)
+    if head_done is not None:
+        head_done(grads_head)
 
     # 3. backward, one shard per core
     def backward(i, b0, b1):
@@ -61,6 +66,8 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
     grads.update(grads_head)
     if train_embed:                                     # tied: the head's dE plus the lookup's
         dx = np.concatenate([dx_s for _, dx_s in results])
+        if head_done is not None:
+            return float(loss), grads, dx
         with section("embedding"):
             embedding_backward_sorted(dx, idx, grads["embed.w"])
     return float(loss), grads
