@@ -51,6 +51,7 @@ import time
 
 import numpy as np
 
+from ..optim import accumulate
 from . import step
 from .profile import section
 
@@ -465,14 +466,16 @@ class DataParallel:
         if wire not in WIRES:
             raise ValueError(f"wire {wire!r}: one of {', '.join(WIRES)}")
         self.comm, self.wire, self.overlap = comm, wire, overlap
-        self.bucket = None
+        self.bucket, self.timing = None, {}
 
     def loss_and_grads(self, model, batches, *, label_smoothing=0.0, z_loss=0.0, train_embed=True, workers=None):
         """batches: the global micro-batches [(x, y, rows)], the same on every rank (x, y (B,T);
         rows: the counted positions of the whole micro-batch, or None for all) -> (loss, grads):
-        the mean over the micro-batches of the loss of the whole batch and its gradient."""
+        the mean over the micro-batches of the loss of the whole batch and its gradient.
+        self.timing afterwards: the seconds the backward overlapped the head's dE on the wire
+        (overlap_s) and the seconds spent waiting for the sums after the backward (wait_s)."""
         comm, k = self.comm, len(batches)
-        loss, grads, pending, lookup = 0.0, {}, None, None
+        loss, grads, pending, t_head = 0.0, {}, None, None
         for i, (x, y, rows) in enumerate(batches):
             B, T = np.shape(y)
             b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size    # this rank's sequences
@@ -481,37 +484,32 @@ class DataParallel:
             early = comm.size > 1 and self.overlap and train_embed and i == k - 1
 
             def head_done(grads_head):            # the last micro-batch's head is done: dE goes out now
-                nonlocal pending
-                dE = grads_head["embed.w"]
-                if k > 1:
-                    dE = grads_head["embed.w"] = grads.pop("embed.w") + dE / k
-                pending = Pending(comm, dE, self.wire)
+                nonlocal pending, t_head
+                if k > 1:                          # with the earlier micro-batches' dE, as accumulate() adds them
+                    grads_head["embed.w"] = grads.pop("embed.w") + (1.0 / k) * grads_head["embed.w"]
+                pending, t_head = Pending(comm, grads_head["embed.w"], self.wire), time.perf_counter()
             out = step.part_loss_and_grads(model, x[b0:b1], y[b0:b1], mine, denom, label_smoothing=label_smoothing,
                                            z_loss=z_loss, train_embed=train_embed, workers=workers,
                                            head_done=head_done if early else None)
             l, g = out[:2]
             if early:                              # the lookup's part: rows of the global batch's tokens
+                g.pop("embed.w")                   # (on the wire)
                 tokens = np.unique(x)
-                lookup = np.zeros((tokens.size, g["embed.w"].shape[1]), dtype=g["embed.w"].dtype)
+                g["embed.lookup"] = np.zeros((tokens.size, out[2].shape[-1]), dtype=out[2].dtype)
                 with section("embedding"):
-                    step.embedding_backward_sorted(out[2], np.searchsorted(tokens, x[b0:b1]), lookup)
-                dE = g.pop("embed.w")
-                g["embed.lookup"] = lookup
+                    step.embedding_backward_sorted(out[2], np.searchsorted(tokens, x[b0:b1]), g["embed.lookup"])
             loss += l / k
-            if k == 1:
-                grads = g
-            else:
-                for name, v in g.items():
-                    grads[name] = grads[name] + v / k if name in grads else v / k
+            grads = g if k == 1 else accumulate(grads, g, 1.0 / k)
         if comm.size == 1:
             return loss, grads
+        t0 = time.perf_counter()
         with section("allreduce"):
-            if pending is not None:
-                dE = pending.wait()
+            dE = pending.wait() if pending is not None else None
             if self.bucket is None or not self.bucket.fits(grads):
                 self.bucket = GradBuffer(grads, wire=self.wire)
             grads, (loss,) = self.bucket.allreduce(comm, grads, [loss])
-        if pending is not None:
+        self.timing = {"overlap_s": 0.0 if t_head is None else t0 - t_head, "wait_s": time.perf_counter() - t0}
+        if dE is not None:
             grads = dict(grads)
             dE[tokens] += grads.pop("embed.lookup")     # distinct tokens: one row each, no np.add.at needed
             grads["embed.w"] = dE
