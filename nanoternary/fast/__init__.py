@@ -7,5 +7,6 @@
     optim.py      the optimizers' elementwise updates in cache-sized pieces, shared between cores
     threads.py    the thread pool and the BLAS thread count (threadpoolctl)
     dist.py       data parallelism across processes and machines: MPI (mpiexec -n N python train.py)
+    watchdog.py   a lost process (machine, link) ends the job instead of leaving it waiting forever
     profile.py    where the time goes: timed sections, and the model's functions wrapped from outside
 """

@@ -16,7 +16,7 @@ floats, 54 MB to sum) and frozen (its gradient is not computed, 0.7M floats).
 to TCP), shapes the link with tc to each --rates, and runs, side by side in one sitting: each host
 alone (one process of one thread, its half of the batch: the compute a machine brings), the two
 hosts together as train.py ran before the overlap (--grad-wire full, the whole sum after the
-backward), and with the head's dE summed during the backward in each --wires. It prints tokens/s
+backward), and with the head's dE summed during the backward, for each wire (--configs). It prints tokens/s
 and the time the step waits for the sum next to the estimate below for P=2, and the bytes the veth
 carried per step (proof that the traffic crossed it).
 
@@ -75,10 +75,55 @@ def worker(batch_size, seq_len, steps, threads, train_embed, loss_frac=0.25, see
             "allreduce_floats": int(n_floats), "allreduce_mb": round(4 * n_floats / 1e6, 1)}
 
 
+def interleaved(batch_size, seq_len, rounds, configs, loss_frac=0.25, seed=0):
+    """In each process of a job on two hosts, one thread each: rounds of steps that take turns,
+    "alone" (each host its half of the batch, nothing summed: the compute a host brings) before each
+    configuration (a wire, + for the overlap). Turns of a step each, so that a ratio compares steps
+    taken seconds apart (the machine is shared). -> {config: [(step s, alone step s just before,
+    wait s, overlap s)]}."""
+    from ..fast.dist import Single
+    comm = world()
+    comm.watch(30)
+    set_threads(1)
+    model = Model(ModelConfig(), seed=seed)
+    opt = FastAdamW(model.params, lr=1e-3)
+    alone, B, T = DataParallel(Single()), batch_size, seq_len
+    b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size
+    dps = {c: DataParallel(comm, c.rstrip("+"), c.endswith("+")) for c in configs}
+    rng = np.random.default_rng(seed)
+    out = {c: [] for c in configs}
+
+    def one_step(dp, half):
+        idx, tgt = zipf_tokens(rng, (B, T)), zipf_tokens(rng, (B, T))
+        t0 = time.perf_counter()
+        rows = model.counted_rows(B * T, loss_frac, rng)
+        if half:      # as a host alone with its sequences (the ranks' weights part ways: no matter for time)
+            mine = rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
+            batch = [(idx[b0:b1], tgt[b0:b1], mine)]
+        else:
+            batch = [(idx, tgt, rows)]
+        _, grads = dp.loss_and_grads(model, batch, train_embed=True)
+        opt.step(model.params, grads)
+        comm.barrier()                                     # the step ends when every process is done
+        return time.perf_counter() - t0, dp.timing.get("wait_s", 0.0), dp.timing.get("overlap_s", 0.0), dp.timing.get("dE_wait_s", 0.0)
+
+    for _ in range(2):                                     # warm-up: buffers, thread pools, connections
+        for c in configs:
+            one_step(alone, True)
+            one_step(dps[c], False)
+    for _ in range(rounds):
+        for c in configs:
+            t_alone = one_step(alone, True)[0]
+            t, wait, overlap, dE_wait = one_step(dps[c], False)
+            out[c].append((t, t_alone, wait, overlap, dE_wait))
+    n_floats = sum(v.size for v in model.params.values())
+    return {"batch_size": B, "seq_len": T, "floats": int(n_floats), "steps": out}
+
+
 def worker_command(a, threads, batch_size, embed="both", wire="full", overlap=True):
     return [sys.executable, "-m", "nanoternary.tools.mpi_bench", "--worker", "--threads", str(threads),
             "--batch-size", str(batch_size), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
-            "--embed", embed, "--wires", wire] + ([] if overlap else ["--no-overlap"])
+            "--embed", embed, "--wire", wire] + ([] if overlap else ["--no-overlap"])
 
 
 def parse(stdout):
@@ -112,75 +157,78 @@ def estimate(one_process, gbits=(1, 10), machines=(2, 4, 8, 16, 32, 64)):
 
 
 def two_hosts(a):
-    """--two-hosts: each host alone, then both together, at each rate, one sitting (module docstring)."""
+    """--two-hosts: at each rate, one job on the two hosts taking turns (interleaved) -> rows."""
     from .twohosts import TwoHosts, why_not
     reason = why_not()
     if reason:
         raise SystemExit(f"error: --two-hosts cannot build two hosts here: {reason}")
-    half = a.batch_size // 2
-    configs = [("full", False)] + [(w, True) for w in a.wires.split(",")]
-    results = []
+    rows = []
     with TwoHosts() as hosts:
         for rate in a.rates.split(","):
             hosts.shape(None if rate == "none" else rate)
-            for rnd in range(a.rounds):
-                print(f"mpi_bench: link {rate}, round {rnd + 1}: each host alone ...", file=sys.stderr, flush=True)
-                alone = [hosts.popen(hosts.on(h, worker_command(a, 1, half, "trained")), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True) for h in ("host1", "host2")]
-                outs = [p.communicate() for p in alone]
-                if any(p.returncode for p in alone):
-                    raise RuntimeError("a host alone failed:\n" + "\n".join(e[-2000:] for _, e in outs))
-                one = [parse(o)[0] for o, _ in outs]
-                base = {**one[0], "step_s": float(np.mean([r["step_s"] for r in one])),
-                        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in one]))}
-                results.append({"rate": rate, "round": rnd, "config": "alone", **base})
-                for wire, overlap in configs:
-                    name = f"{wire}{' +overlap' if overlap else ''}"
-                    print(f"mpi_bench: link {rate}, round {rnd + 1}: two hosts, {name} ...", file=sys.stderr, flush=True)
-                    before = hosts.link_bytes()
-                    res = hosts.run(hosts.mpiexec(worker_command(a, 1, a.batch_size, "trained", wire, overlap)),
-                                    timeout=1200)
-                    if res.returncode != 0:
-                        raise RuntimeError(f"two hosts, {name}, failed:\n{res.stderr[-3000:]}")
-                    after = hosts.link_bytes()
-                    r = parse(res.stdout)[0]
-                    r.update(rate=rate, round=rnd, config=name, alone_tokens_per_s=base["tokens_per_s"],
-                             alone_step_s=base["step_s"],
-                             efficiency=round(r["tokens_per_s"] / (2 * base["tokens_per_s"]), 3),
-                             link_mb_per_step=round((after[0] - before[0]) / r["steps"] / 1e6, 1))
-                    r.update(model_two_hosts(r, base, rate))
-                    results.append(r)
-    return results
+            print(f"mpi_bench: two hosts, link {rate}: {a.rounds} rounds of {a.configs} ...", file=sys.stderr,
+                  flush=True)
+            cmd = [sys.executable, "-m", "nanoternary.tools.mpi_bench", "--interleaved", "--batch-size",
+                   str(a.batch_size), "--seq-len", str(a.seq_len), "--rounds", str(a.rounds), "--configs", a.configs]
+            before = hosts.link_bytes()
+            res = hosts.run(hosts.mpiexec(cmd), timeout=3600)
+            after = hosts.link_bytes()
+            if res.returncode != 0:
+                raise RuntimeError(f"two hosts, link {rate}, failed:\n{res.stderr[-3000:]}")
+            got = parse(res.stdout)[0]
+            tokens = got["batch_size"] * got["seq_len"]
+            for config, steps in got["steps"].items():
+                t, t_alone, wait, overlap, dE_wait = (np.array(x) for x in zip(*steps))
+                r = {"rate": rate, "config": config, "rounds": len(steps), "wire": config.rstrip("+"),
+                     "overlap": config.endswith("+"), "batch_size": got["batch_size"], "seq_len": got["seq_len"],
+                     "allreduce_floats": got["floats"],
+                     "step_s": float(np.median(t)), "alone_step_s": float(np.median(t_alone)),
+                     "tokens_per_s": float(tokens / np.median(t)),
+                     "alone_tokens_per_s": float(tokens / 2 / np.median(t_alone)),
+                     "efficiency": float(np.median(t_alone / t)),     # (B/t) / (2 * (B/2) / t_alone), step by step
+                     "allreduce_ms": float(1e3 * np.median(wait)), "overlap_ms": float(1e3 * np.median(overlap)),
+                     "dE_wait_ms": float(1e3 * np.median(dE_wait))}
+                r.update(model_two_hosts(r, {"step_s": r["alone_step_s"]}, rate))
+                rows.append(r)
+            n_steps = sum(len(v) for v in got["steps"].values()) * 2 + 4 * len(got["steps"])
+            rows.append({"rate": rate, "config": "link", "mb_sent": (after[0] - before[0]) / 1e6,
+                         "mb_received": (after[1] - before[1]) / 1e6, "steps": n_steps})
+    return rows
 
 
 def model_two_hosts(r, base, rate):
-    """The estimate for P=2 at this rate (None: the link as fast as the CPUs go), from the host's step
-    alone: before (the whole sum after the step) and with the overlap (module docstring)."""
+    """docs/mpi.md's estimate for P=2 at this rate, from a host's step alone (t_c): t_c plus the sum
+    of every gradient at the link's rate, or with the overlap, t_c plus what of dE's time the
+    backward did not cover plus the rest (the module docstring). Nothing for an unshaped link."""
     if rate == "none":
         return {}
-    bw = float(rate.replace("gbit", "")) * 1e9 / 8
-    width = 2 if r["wire"] != "full" else 4
-    total = width * r["allreduce_floats"]
-    dE = width * 50257 * 256 if r["train_embed"] else 0
-    t_all = total / bw                                       # 2(P-1)/P = 1 at P = 2
+    bw = float(rate.replace("gbit", "")) * 1e9 / 8           # bytes/s
+    width = 4 if r["wire"] == "full" else 2
+    total, dE = width * r["allreduce_floats"], width * 50257 * 256
     t_c = base["step_s"]
-    plain = t_c + t_all
-    t = t_c + max(0.0, dE / bw - r["overlap_ms"] / 1e3) + (total - dE) / bw if r["overlap"] else plain
-    tokens = r["batch_size"] * r["seq_len"]
-    return {"estimate_tokens_per_s": round(tokens / t), "estimate_efficiency": round(t_c / t, 3),
-            "estimate_wait_ms": round(1e3 * (t - t_c), 1)}
+    if r["overlap"]:
+        t = t_c + max(0.0, dE / bw - r["overlap_ms"] / 1e3) + (total - dE) / bw
+    else:
+        t = t_c + total / bw                                  # 2(P-1)/P = 1 at P = 2
+    return {"estimate_tokens_per_s": round(r["batch_size"] * r["seq_len"] / t), "estimate_efficiency": t_c / t,
+            "estimate_wait_ms": 1e3 * (t - t_c)}
 
 
-def print_two_hosts(results):
-    print(f"{'link':>7} {'two hosts':>17} {'tok/s':>7} {'alone x2':>8} {'eff':>5} {'est eff':>7} {'wait ms':>7} "
-          f"{'est ms':>6} {'overlap':>7} {'MB/step':>7}")
-    for r in results:
-        if r["config"] == "alone":
+def print_two_hosts(rows):
+    print(f"{'link':>7} {'two hosts':>10} {'tok/s':>7} {'alone x2':>8} {'eff':>5} {'est':>5} {'wait ms':>7} "
+          f"{'est ms':>6} {'overlap ms':>10}")
+    for r in rows:
+        if r["config"] == "link":
+            print(f"{r['rate']:>7} the veth carried {r['mb_sent']:,.0f} MB out of host1 and {r['mb_received']:,.0f} MB "
+                  f"into it in {r['steps']} steps")
             continue
-        print(f"{r['rate']:>7} {r['config']:>17} {r['tokens_per_s']:>7,.0f} {2 * r['alone_tokens_per_s']:>8,.0f} "
-              f"{100 * r['efficiency']:>4.0f}% {100 * r.get('estimate_efficiency', 0):>6.0f}% "
-              f"{r['allreduce_ms']:>7.0f} {r.get('estimate_wait_ms', 0):>6.0f} {r['overlap_ms']:>7.0f} "
-              f"{r['link_mb_per_step']:>7.1f}")
+        print(f"{r['rate']:>7} {r['config']:>10} {r['tokens_per_s']:>7,.0f} {2 * r['alone_tokens_per_s']:>8,.0f} "
+              f"{100 * r['efficiency']:>4.0f}% {100 * r.get('estimate_efficiency', 0):>4.0f}% "
+              f"{r['allreduce_ms']:>7.0f} {r.get('estimate_wait_ms', 0):>6.0f} {r['overlap_ms']:>10.0f}")
+    print("(medians over the rounds; alone x2: twice the tokens/s of a host alone, in steps taken between "
+          "the others; eff: two hosts / alone x2, step by step; est: docs/mpi.md's estimate; wait: the step's "
+          "wait for the sums after its backward; overlap: the backward that ran with dE on the wire; "
+          "+: with the overlap)")
 
 
 def main(argv=None):
@@ -192,21 +240,29 @@ def main(argv=None):
     ap.add_argument("--two-hosts", action="store_true", help="two namespace hosts joined by a shaped link (root)")
     ap.add_argument("--rates", default="10gbit,1gbit", help="--two-hosts: link rates, tc's units, or none "
                                                            "(default 10gbit,1gbit)")
-    ap.add_argument("--wires", default="full,bfloat16,float16",
-                    help=f"--two-hosts: gradient wires with the overlap, of {', '.join(WIRES)} (default: all)")
-    ap.add_argument("--rounds", type=int, default=1, help="--two-hosts: every measurement this many times")
+    ap.add_argument("--configs", default="full,full+,bfloat16+,float16+",
+                    help=f"--two-hosts: the steps to run, each a wire ({', '.join(WIRES)}), + for the overlap "
+                         f"(default: full,full+,bfloat16+,float16+; 'full' is the step before the overlap)")
+    ap.add_argument("--wire", default="full", choices=WIRES, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=8, help="--two-hosts: steps of each configuration (default 8)")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--embed", default="both", choices=("both", "trained", "frozen"), help=argparse.SUPPRESS)
     ap.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         for train_embed in {"both": (True, False), "trained": (True,), "frozen": (False,)}[a.embed]:
-            r = worker(a.batch_size, a.seq_len, a.steps, a.threads, train_embed, wire=a.wires,
+            r = worker(a.batch_size, a.seq_len, a.steps, a.threads, train_embed, wire=a.wire,
                        overlap=not a.no_overlap)
             if world().rank == 0:
                 print(json.dumps(r), flush=True)
+        return
+    if a.interleaved:
+        r = interleaved(a.batch_size, a.seq_len, a.rounds, a.configs.split(","))
+        if world().rank == 0:
+            print(json.dumps(r), flush=True)
         return
     if a.two_hosts:
         results = two_hosts(a)
