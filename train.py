@@ -89,7 +89,7 @@ class TrainConfig:
     dtype: str = setting("float32", "of the weights and the step (float64: exact comparisons)",
                          choices=("float32", "float64"))
     grad_wire: str = setting("full", "under mpiexec, the gradients cross between processes in full (their "
-                             "dtype), or in bfloat16 or float16: half the bytes, sums in float32 (docs/mpi.md)",
+                             "dtype), or as bfloat16: half the bytes, the sums in float32 (docs/mpi.md)",
                              choices=WIRES)
     peer_timeout: float = setting(30.0, "under mpiexec, seconds of silence after which a process counts as "
                                   "lost and the job stops (0: wait forever)", range="[0, inf)")

@@ -28,9 +28,8 @@ leave every rank with the same update:
   batch's tokens, final LAST, after the body's backward). So the head's dE goes on the wire in a
   thread while the body's backward runs (fast/step.py calls `head_done`), and the lookup's rows
   follow with the core's gradients, summed as a small dense block over the global batch's tokens.
-- A 16-bit wire (`wire="bfloat16"` or `"float16"`): each number crosses in 2 bytes, the sums are
-  made in float32 (ring_allreduce_), half the bytes; off by default (docs/mpi.md: its effect on the
-  loss).
+- A 16-bit wire (`wire="bfloat16"`): each number crosses in 2 bytes, half the bytes, the sums
+  made in float32 (ring_allreduce_); off by default (docs/mpi.md: its effect on the loss).
 
 A lost rank (its machine or the link to it gone, its process killed) leaves the others waiting in a
 collective call forever: MPI has no timeout. comm.watch(timeout) starts watchdog.py's Watchdog: a
@@ -55,8 +54,8 @@ from .profile import section
 from .watchdog import Watchdog
 
 POLL = 2e-4             # seconds between tests of a pending MPI operation (waiting without a busy core)
-SEGMENT = 1 << 20       # numbers per message of the 16-bit ring
-WIRES = ("full", "bfloat16", "float16")
+SEGMENT = 1 << 21       # numbers per message of the bfloat16 ring (4 MB: measured best on 1 and 10 Gbit/s)
+WIRES = ("full", "bfloat16")
 
 
 def launched_size():
@@ -136,91 +135,86 @@ class MPIWorld:
 
 # ------------------------------------------------------------------------------------ the 16-bit wire
 
+HALF = 1 if sys.byteorder == "little" else 0    # where a float32's upper 16 bits sit in its two uint16s
 
-def encode(x, wire):
-    # x (n,) float -> (n + 2,) uint16: the numbers in 2 bytes each, after a 2-number header (a float32 scale)
-    """bfloat16: the upper half of each float32, rounded to the nearest (ties to even): float32's
-    range, 8 bits of precision. float16: x * s in IEEE half precision, s a power of two chosen so
-    that the largest |x| lands near 2**14 (float16 alone overflows past 65504 and loses everything
-    below 6e-8, where small gradients live); 11 bits of precision, a range of 2**-24 .. 2**15 of
-    the largest. The header carries s (1 for bfloat16)."""
-    x32 = np.asarray(x, dtype=np.float32)
-    out = np.empty(x32.size + 2, dtype=np.uint16)
-    scale = np.float32(1.0)
-    if wire == "bfloat16":
-        u = x32.view(np.uint32)
-        r = u >> 16                           # the upper half, truncated ...
-        r &= 1
-        r += 0x7FFF                           # ... plus just under half a unit, or half when it is odd:
-        r += u                                # round to nearest, ties to even
-        r >>= 16
-        out[2:] = r
-    else:
-        top = float(np.max(np.abs(x32))) if x32.size else 0.0
-        if np.isfinite(top) and top > 0:
-            scale = np.float32(2.0 ** (14 - np.frexp(top)[1]))     # top * scale in [2**13, 2**14)
-        out[2:] = (x32 * scale).astype(np.float16).view(np.uint16)
-    out[:2] = np.array([scale], dtype=np.float32).view(np.uint16)
+
+def to_bfloat16(x):
+    # x (n,) float -> (n,) uint16: bfloat16, the upper half of each float32's bits, rounded to nearest
+    """bfloat16 is float32 with the lower 16 bits of the significand dropped: the same sign, exponent
+    and range, 8 significant bits instead of 24. Adding 0x8000 (half the lowest kept bit) to the
+    bits first carries into the upper half exactly when the dropped half is at least half a unit:
+    rounding to the nearest, ties (1 number in 65,536) away from zero."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32) + np.uint32(0x8000)
+    return bits.view(np.uint16)[HALF::2].copy()
+
+
+def from_bfloat16(h):
+    # h (n,) uint16 -> (n,) float32: the upper halves back in place, the lower halves zeros
+    out = np.zeros(h.size, dtype=np.float32)
+    out.view(np.uint16)[HALF::2] = h
     return out
 
 
-def decode(h, wire):
-    # h (n + 2,) uint16 -> (n,) float32: encode's numbers back
-    scale = h[:2].copy().view(np.float32)[0]
-    if wire == "bfloat16":
-        out = h[2:].astype(np.uint32)
-        out <<= 16                            # the upper half back in place, the lower half zeros
-        return out.view(np.float32)
-    out = h[2:].view(np.float16).astype(np.float32)
-    out /= scale
-    return out
+def ring_allreduce_(world, comm, x):
+    """x (contiguous float array) := its sum over the ranks, in place, each number crossing as a
+    bfloat16 and every sum made in float32 (x's own dtype if wider), the same bits on every rank.
 
-
-def ring_allreduce_(world, comm, x, wire):
-    """x (contiguous float array) := its sum over the ranks, in place, each number crossing in 16
-    bits and every sum made in float32 (x's own dtype if wider), the same result on every rank.
-
-    A ring, as MPI's large Allreduce does it (P ranks, x cut in P chunks): P-1 steps of reduce-scatter,
-    where each rank sends a chunk to its right neighbour and adds the one from its left into x (after
-    which rank r holds the whole sum of chunk r+1), then P-1 steps of allgather, where the summed
-    chunks travel round. Each rank sends 2(P-1)/P of x. The owner of a chunk rounds its sum to 16
-    bits and uses the rounded numbers itself, so every rank ends with the same bits. Messages go in
-    SEGMENT-sized pieces, so that encoding one overlaps sending the last."""
+    The ring of MPI's large Allreduce (P ranks, x cut in P chunks): P-1 steps of reduce-scatter,
+    where each rank sends a chunk to its right neighbour and adds the one from its left into x
+    (after which rank r holds the whole sum of chunk r+1), then P-1 steps of allgather, where the
+    summed chunks travel round. Each rank sends 2(P-1)/P of x, here in 2 bytes a number. The owner
+    of a chunk rounds its sum to bfloat16 and keeps the rounded numbers itself, so that every rank
+    ends with the same bits. The chunks go in segments of SEGMENT numbers, each running the ring on
+    its own as soon as its last step arrived, so that one segment's additions and conversions
+    overlap the next one's transfer."""
     MPI, P, r = world.MPI, world.size, world.rank
     flat = x.reshape(-1)
     bounds = [flat.size * i // P for i in range(P + 1)]
     right, left = (r + 1) % P, (r - 1) % P
 
-    def pieces(c):                              # chunk c in segments: [(lo, hi)]
-        lo, hi = bounds[c], bounds[c + 1]
-        return [(a, min(a + SEGMENT, hi)) for a in range(lo, hi, SEGMENT)] or [(lo, lo)]
+    def segment(c, j):                           # chunk c's j-th segment, as a slice of flat
+        lo = bounds[c] + j * SEGMENT
+        return slice(min(lo, bounds[c + 1]), min(lo + SEGMENT, bounds[c + 1]))
 
-    def exchange(step, send_c, recv_c, outgoing):
-        """Send chunk send_c's segments (outgoing(lo, hi) -> encoded) right, receive chunk recv_c's
-        from the left -> [(lo, hi, encoded)] received."""
-        ins = [(lo, hi, np.empty(hi - lo + 2, dtype=np.uint16)) for lo, hi in pieces(recv_c)]
-        reqs = [comm.Irecv([h, MPI.UINT16_T], source=left, tag=step * 100000 + j) for j, (_, _, h) in enumerate(ins)]
-        keep = []
-        for j, (lo, hi) in enumerate(pieces(send_c)):
-            keep.append(outgoing(lo, hi))
-            reqs.append(comm.Isend([keep[-1], MPI.UINT16_T], dest=right, tag=step * 100000 + j))
-        world.wait(reqs)
-        return ins
+    # step k of the 2(P-1): reduce-scatter (k < P-1) sends chunk r-k and receives chunk r-k-1;
+    # allgather (k >= P-1, s = k-P+1) sends chunk r+1-s and receives chunk r-s. What step k
+    # receives is what step k+1 sends (a partial sum, then a finished one), segment by segment.
+    def received(k):
+        return (r - k - 1) % P if k < P - 1 else (r - (k - P + 1)) % P
 
-    for s in range(P - 1):                      # reduce-scatter
-        got = exchange(s, (r - s) % P, (r - s - 1) % P, lambda lo, hi: encode(flat[lo:hi], wire))
-        for lo, hi, h in got:
-            flat[lo:hi] += decode(h, wire)
-    own = (r + 1) % P                           # the chunk whose whole sum is here
-    encoded = {lo: encode(flat[lo:hi], wire) for lo, hi in pieces(own)}
-    for lo, hi in pieces(own):
-        flat[lo:hi] = decode(encoded[lo], wire)  # the rounded sum, as every other rank will have it
-    for s in range(P - 1):                      # allgather: pass the rounded sums on, as received
-        got = exchange(P - 1 + s, (r + 1 - s) % P, (r - s) % P, lambda lo, hi: encoded[lo])
-        encoded = {}
-        for lo, hi, h in got:
-            flat[lo:hi] = decode(h, wire)
-            encoded[lo] = h
+    n_seg = max(1, -(-max(b - a for a, b in zip(bounds, bounds[1:])) // SEGMENT))
+    sends, recvs, pending = [], [], []          # MPI requests; pending[i]: (step, segment, buffer) of recvs[i]
+
+    def post(k, j, payload):                     # step k of segment j: send payload, receive into a buffer
+        tag = k * n_seg + j
+        seg = segment(received(k), j)
+        h = np.empty(seg.stop - seg.start, dtype=np.uint16)
+        recvs.append(comm.Irecv([h, MPI.UINT16_T], source=left, tag=tag))
+        pending.append((k, j, h))
+        sends.append((comm.Isend([payload, MPI.UINT16_T], dest=right, tag=tag), payload))
+
+    for j in range(n_seg):
+        post(0, j, to_bfloat16(flat[segment(r, j)]))
+    while recvs:
+        done = MPI.Request.Testsome(recvs)
+        if not done:
+            time.sleep(POLL)
+            continue
+        arrived = [pending[i] for i in done]
+        recvs[:] = [q for i, q in enumerate(recvs) if i not in done]
+        pending[:] = [q for i, q in enumerate(pending) if i not in done]
+        for k, j, h in arrived:
+            seg = segment(received(k), j)
+            if k < P - 1:
+                flat[seg] += from_bfloat16(h)                 # the sum so far, in float32
+                h = to_bfloat16(flat[seg])
+                if k == P - 2:                                # the whole sum: its rounded numbers, here too
+                    flat[seg] = from_bfloat16(h)
+            else:
+                flat[seg] = from_bfloat16(h)                  # a finished sum, passed on as it came
+            if k < 2 * P - 3:
+                post(k + 1, j, h)
+    world.wait([req for req, _ in sends])
     return x
 
 
@@ -231,7 +225,7 @@ def allreduce_(world, x, wire="full", comm=None):
     if wire == "full":
         world.wait([comm.Iallreduce(world.MPI.IN_PLACE, x, op=world.MPI.SUM)])
     else:
-        ring_allreduce_(world, comm, x, wire)
+        ring_allreduce_(world, comm, x)
     return x
 
 
@@ -299,9 +293,9 @@ class DataParallel:
     and the loss and the gradients are summed over the ranks, so every rank ends with the loss and
     gradient of the whole batch (and applies the same update). With one process, just the step.
 
-    wire: "full" (the gradients' own dtype), "bfloat16" or "float16" (2 bytes a number, sums in
-    float32: encode, ring_allreduce_). overlap: send the head's part of the embedding's gradient
-    while the body's backward runs (module docstring)."""
+    wire: "full" (the gradients' own dtype) or "bfloat16" (2 bytes a number, sums in float32:
+    ring_allreduce_). overlap: send the head's part of the embedding's gradient while the body's
+    backward runs (module docstring)."""
 
     def __init__(self, comm, wire="full", overlap=True):
         if wire not in WIRES:

@@ -240,9 +240,9 @@ def main(argv=None):
     ap.add_argument("--two-hosts", action="store_true", help="two namespace hosts joined by a shaped link (root)")
     ap.add_argument("--rates", default="10gbit,1gbit", help="--two-hosts: link rates, tc's units, or none "
                                                            "(default 10gbit,1gbit)")
-    ap.add_argument("--configs", default="full,full+,bfloat16+,float16+",
+    ap.add_argument("--configs", default="full,full+,bfloat16,bfloat16+",
                     help=f"--two-hosts: the steps to run, each a wire ({', '.join(WIRES)}), + for the overlap "
-                         f"(default: full,full+,bfloat16+,float16+; 'full' is the step before the overlap)")
+                         f"(default: full,full+,bfloat16,bfloat16+; 'full' is the step before the overlap)")
     ap.add_argument("--wire", default="full", choices=WIRES, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=8, help="--two-hosts: steps of each configuration (default 8)")
     ap.add_argument("--json", action="store_true", help="one JSON object")
