@@ -20,12 +20,14 @@ backward), and with the head's dE summed during the backward, for each wire (--c
 and the time the step waits for the sum next to the estimate below for P=2, and the bytes the veth
 carried per step (proof that the traffic crossed it).
 
-The estimate: with P processes on P machines, each with the measured compute time t_c of its own
-batch (one machine's whole step without the sum), a ring Allreduce moves 2(P-1)/P of the buffer in
-and out of every machine, so a step takes t_c + 2(P-1)/P * bytes / bandwidth, and the global
-tokens/s is P * batch / that. Scaling stops paying where the sum outgrows the compute. With the
-overlap, the head's dE (95% of the bytes) travels while the backward's last part runs, so a step
-takes t_c + max(0, t_dE - t_overlap) + t_rest (docs/mpi.md compares both with the measurements).
+The estimate (docs/mpi.md compares it with the measurements): with P processes on P machines, each
+with the measured compute time t_c of its own batch (one machine's whole step without the sum), a
+ring Allreduce moves 2(P-1)/P of the buffer in and out of every machine at the TCP rate of the link
+(GOODPUT of its rate), so a step takes t_c + 2(P-1)/P * bytes / bandwidth, and the global tokens/s
+is P * batch / that. With the overlap, the head's dE (95% of the bytes) travels while the
+backward's last part runs (t_ov), so a step takes t_c + max(0, t_dE - t_ov) + t_rest; with the
+bfloat16 wire the bytes halve and the conversions (measured) add. Scaling stops paying where the
+sum outgrows the compute.
 """
 import argparse
 import json
@@ -36,11 +38,25 @@ import time
 
 import numpy as np
 
-from ..fast.dist import WIRES, DataParallel, world
+from ..fast.dist import WIRES, DataParallel, from_bfloat16, to_bfloat16, world
 from ..fast.optim import FastAdamW
 from ..fast.threads import set_threads
 from ..model import Model, ModelConfig
 from .bench import zipf_tokens
+
+
+def convert_cost(n, repeat=3):
+    """Seconds the bfloat16 ring's conversions of n numbers take here: one encoding and about 1.5
+    decodings per number (P=2: encode the half sent and the half summed, decode the half received
+    for the sum, the half summed and the half that comes back). The best of `repeat`."""
+    x, best = np.ones(n, dtype=np.float32), float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        h = to_bfloat16(x)
+        t1 = time.perf_counter()
+        from_bfloat16(h)
+        best = min(best, (t1 - t0) + 1.5 * (time.perf_counter() - t1))
+    return best
 
 
 def worker(batch_size, seq_len, steps, threads, train_embed, loss_frac=0.25, seed=0, wire="full", overlap=True):
@@ -67,7 +83,10 @@ def worker(batch_size, seq_len, steps, threads, train_embed, loss_frac=0.25, see
             overlaps.append(dp.timing.get("overlap_s", 0.0))
     n_floats = sum(g.size for g in grads.values())
     step = float(np.median(times))
+    convert = convert_cost(n_floats)
     return {"processes": comm.size, "threads": threads, "train_embed": train_embed, "wire": wire,
+            "embed_floats": int(model.params["embed.w"].size), "d_model": model.cfg.d_model,
+            "bf16_convert_ms": round(1e3 * convert, 1),
             "overlap": overlap and comm.size > 1, "batch_size": B, "seq_len": T, "steps": steps + 2,
             "step_s": round(step, 4), "tokens_per_s": round(B * T / step, 1),
             "allreduce_ms": round(1e3 * float(np.median(waits)), 2),
@@ -117,7 +136,9 @@ def interleaved(batch_size, seq_len, rounds, configs, loss_frac=0.25, seed=0):
             t, wait, overlap, dE_wait = one_step(dps[c], False)
             out[c].append((t, t_alone, wait, overlap, dE_wait))
     n_floats = sum(v.size for v in model.params.values())
-    return {"batch_size": B, "seq_len": T, "floats": int(n_floats), "steps": out}
+    convert = convert_cost(n_floats)
+    return {"batch_size": B, "seq_len": T, "floats": int(n_floats), "embed_floats": int(model.params["embed.w"].size),
+            "bf16_convert_ms": round(1e3 * convert, 1), "steps": out}
 
 
 def worker_command(a, threads, batch_size, embed="both", wire="full", overlap=True):
@@ -141,18 +162,45 @@ def launch(n, args, threads):
     return parse(res.stdout)
 
 
-def estimate(one_process, gbits=(1, 10), machines=(2, 4, 8, 16, 32, 64)):
-    """tokens/s and efficiency for P machines from one machine's step (module docstring)."""
+GOODPUT = 0.9      # of a link's rate, what TCP carried through the tc-shaped veth (docs/mpi.md)
+
+
+def wait_model(way, p, gbit, n, n_dE, n_rest, t_ov, convert_s):
+    """Seconds a step waits for the sums beyond its compute, on P machines joined at `gbit` Gbit/s:
+    n numbers in all, n_dE of them the head's dE, n_rest summed after the backward when dE went
+    during it (t_ov seconds of backward beside it); convert_s: the bfloat16 conversions."""
+    bw, ring = GOODPUT * gbit * 1e9 / 8, 2 * (p - 1) / p
+    if way == "before":
+        return ring * 4 * n / bw
+    width = 2 if way == "overlap+bfloat16" else 4
+    return (max(0.0, ring * width * n_dE / bw - t_ov) + ring * width * n_rest / bw
+            + (convert_s if width == 2 else 0.0))
+
+
+def estimate(runs, gbits=(1, 10), machines=(2, 4, 8, 16, 32, 64)):
+    """tokens/s and efficiency for P machines, each with the measured step of one process (t_c),
+    three ways: before (every gradient summed after the backward), with the overlap (the head's dE
+    during the backward, the window measured in the run of several processes, else a third of the
+    step), and with the overlap and the bfloat16 wire (half the bytes, plus its conversions). A ring
+    moves 2(P-1)/P of the bytes in and out of every machine; the lookup's rows are counted at one per
+    token of the batch (an upper bound)."""
+    one = {r["train_embed"]: r for r in runs if r["processes"] == 1}
+    several = {r["train_embed"]: r for r in runs if r["processes"] > 1}
     rows = []
-    for r in one_process:
-        t_c, tokens = r["step_s"], r["batch_size"] * r["seq_len"]
-        nbytes = 4 * r["allreduce_floats"]
+    for embed, r in one.items():
+        t_c, tokens, n = r["step_s"], r["batch_size"] * r["seq_len"], r["allreduce_floats"]
+        n_dE = r["embed_floats"] if embed else 0
+        n_rest = n - n_dE + (tokens * r["d_model"] if embed else 0)
+        s = several.get(embed)
+        t_ov = t_c * (s["overlap_ms"] / 1e3 / s["step_s"] if s and s["overlap_ms"] else 1 / 3)
         for g in gbits:
             for p in machines:
-                t_ar = 2 * (p - 1) / p * nbytes / (g * 1e9 / 8)
-                rows.append({"train_embed": r["train_embed"], "gbit_s": g, "machines": p,
-                             "allreduce_s": round(t_ar, 3), "tokens_per_s": round(p * tokens / (t_c + t_ar)),
-                             "efficiency": round(t_c / (t_c + t_ar), 2)})
+                for way in ("before", "overlap", "overlap+bfloat16") if embed else ("before",):
+                    t_ar = wait_model(way, p, g, n, n_dE, n_rest, t_ov, r["bf16_convert_ms"] / 1e3)
+                    rows.append({"train_embed": embed, "gbit_s": g, "machines": p, "way": way,
+                                 "t_c": t_c, "wait_s": round(t_ar, 3),
+                                 "tokens_per_s": round(p * tokens / (t_c + t_ar)),
+                                 "efficiency": round(t_c / (t_c + t_ar), 2)})
     return rows
 
 
@@ -181,14 +229,14 @@ def two_hosts(a):
                 t, t_alone, wait, overlap, dE_wait = (np.array(x) for x in zip(*steps))
                 r = {"rate": rate, "config": config, "rounds": len(steps), "wire": config.rstrip("+"),
                      "overlap": config.endswith("+"), "batch_size": got["batch_size"], "seq_len": got["seq_len"],
-                     "allreduce_floats": got["floats"],
+                     "allreduce_floats": got["floats"], "embed_floats": got["embed_floats"],
                      "step_s": float(np.median(t)), "alone_step_s": float(np.median(t_alone)),
                      "tokens_per_s": float(tokens / np.median(t)),
                      "alone_tokens_per_s": float(tokens / 2 / np.median(t_alone)),
                      "efficiency": float(np.median(t_alone / t)),     # (B/t) / (2 * (B/2) / t_alone), step by step
                      "allreduce_ms": float(1e3 * np.median(wait)), "overlap_ms": float(1e3 * np.median(overlap)),
                      "dE_wait_ms": float(1e3 * np.median(dE_wait))}
-                r.update(model_two_hosts(r, {"step_s": r["alone_step_s"]}, rate))
+                r.update(model_two_hosts(r, r["alone_step_s"], rate, got["bf16_convert_ms"] / 1e3))
                 rows.append(r)
             n_steps = sum(len(v) for v in got["steps"].values()) * 2 + 4 * len(got["steps"])
             rows.append({"rate": rate, "config": "link", "mb_sent": (after[0] - before[0]) / 1e6,
@@ -196,22 +244,22 @@ def two_hosts(a):
     return rows
 
 
-def model_two_hosts(r, base, rate):
-    """docs/mpi.md's estimate for P=2 at this rate, from a host's step alone (t_c): t_c plus the sum
-    of every gradient at the link's rate, or with the overlap, t_c plus what of dE's time the
-    backward did not cover plus the rest (the module docstring). Nothing for an unshaped link."""
+def model_two_hosts(r, t_c, rate, convert_s):
+    """The estimate for P=2 at this rate (estimate(), wait_model()), from a host's step alone t_c and
+    the overlap window measured in the same run. Nothing for an unshaped link."""
     if rate == "none":
         return {}
-    bw = float(rate.replace("gbit", "")) * 1e9 / 8           # bytes/s
-    width = 4 if r["wire"] == "full" else 2
-    total, dE = width * r["allreduce_floats"], width * 50257 * 256
-    t_c = base["step_s"]
-    if r["overlap"]:
-        t = t_c + max(0.0, dE / bw - r["overlap_ms"] / 1e3) + (total - dE) / bw
+    tokens = r["batch_size"] * r["seq_len"]
+    n, n_dE = r["allreduce_floats"], r["embed_floats"]
+    way = "before" if not r["overlap"] else "overlap+bfloat16" if r["wire"] == "bfloat16" else "overlap"
+    if way == "before" and r["wire"] == "bfloat16":          # the 16-bit wire alone: half the bytes, converted
+        t = wait_model("overlap+bfloat16", 2, float(rate.replace("gbit", "")), n, n_dE, n - n_dE + tokens * 256,
+                       0.0, convert_s)
     else:
-        t = t_c + total / bw                                  # 2(P-1)/P = 1 at P = 2
-    return {"estimate_tokens_per_s": round(r["batch_size"] * r["seq_len"] / t), "estimate_efficiency": t_c / t,
-            "estimate_wait_ms": 1e3 * (t - t_c)}
+        t = wait_model(way, 2, float(rate.replace("gbit", "")), n, n_dE, n - n_dE + tokens * 256,
+                       r["overlap_ms"] / 1e3, convert_s)
+    return {"estimate_tokens_per_s": round(tokens / (t_c + t)), "estimate_efficiency": t_c / (t_c + t),
+            "estimate_wait_ms": 1e3 * t}
 
 
 def print_two_hosts(rows):
@@ -220,7 +268,7 @@ def print_two_hosts(rows):
     for r in rows:
         if r["config"] == "link":
             print(f"{r['rate']:>7} the veth carried {r['mb_sent']:,.0f} MB out of host1 and {r['mb_received']:,.0f} MB "
-                  f"into it in {r['steps']} steps")
+                  f"into it in {r['steps']} steps, {r['steps'] // 2} of them summing gradients")
             continue
         print(f"{r['rate']:>7} {r['config']:>10} {r['tokens_per_s']:>7,.0f} {2 * r['alone_tokens_per_s']:>8,.0f} "
               f"{100 * r['efficiency']:>4.0f}% {100 * r.get('estimate_efficiency', 0):>4.0f}% "
@@ -276,21 +324,25 @@ def main(argv=None):
     for n in (int(x) for x in a.processes.split(",")):
         print(f"mpi_bench: {n} process(es) x {max(1, cores // n)} thread(s) ...", file=sys.stderr, flush=True)
         runs += launch(n, a, max(1, cores // n))
-    est = estimate([r for r in runs if r["processes"] == 1])
+    est = estimate(runs)
     if a.json:
         print(json.dumps({"runs": runs, "estimate": est}))
         return
-    print(f"{'processes':>9} {'threads':>7} {'embedding':>9} {'tok/s':>8} {'step s':>7} {'allreduce':>10} {'of step':>7}")
+    print(f"{'processes':>9} {'threads':>7} {'embedding':>9} {'tok/s':>8} {'step s':>7} {'wait':>10} {'of step':>7}")
     for r in runs:
         print(f"{r['processes']:>9} {r['threads']:>7} {'trained' if r['train_embed'] else 'frozen':>9} "
               f"{r['tokens_per_s']:>8,.0f} {r['step_s']:>7.3f} {r['allreduce_ms']:>7.1f} ms "
               f"{100 * r['allreduce_ms'] / 1e3 / r['step_s']:>6.1f}%   ({r['allreduce_mb']} MB)")
-    print("\nestimated for P machines, one process each with this machine's step:")
+    print(f"\nestimated for P machines, one process each with this machine's step, a link's TCP at "
+          f"{100 * GOODPUT:.0f}% of its rate:")
     for train_embed in (True, False):
         for g in (1, 10):
-            sel = [e for e in est if e["train_embed"] == train_embed and e["gbit_s"] == g]
-            print(f"  {g:>2} Gbit/s, embedding {'trained' if train_embed else 'frozen '}: " + "  ".join(
-                f"P={e['machines']}: {e['tokens_per_s']:,} tok/s ({100 * e['efficiency']:.0f}%)" for e in sel))
+            for way in ("before", "overlap", "overlap+bfloat16"):
+                sel = [e for e in est if (e["train_embed"], e["gbit_s"], e["way"]) == (train_embed, g, way)]
+                if sel:
+                    print(f"  {g:>2} Gbit/s, embedding {'trained' if train_embed else 'frozen '}, {way:<16}: " +
+                          "  ".join(f"P={e['machines']}: {e['tokens_per_s']:,} tok/s ({100 * e['efficiency']:.0f}%)"
+                                    for e in sel))
 
 
 if __name__ == "__main__":
