@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -211,7 +212,7 @@ def two_hosts(a):
     if reason:
         raise SystemExit(f"error: --two-hosts cannot build two hosts here: {reason}")
     rows = []
-    with TwoHosts() as hosts:
+    with tempfile.TemporaryDirectory(prefix="mpi_bench-") as base, TwoHosts(base) as hosts:
         for rate in a.rates.split(","):
             hosts.shape(None if rate == "none" else rate)
             print(f"mpi_bench: two hosts, link {rate}: {a.rounds} rounds of {a.configs} ...", file=sys.stderr,

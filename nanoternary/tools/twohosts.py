@@ -1,7 +1,7 @@
 """Two machines on one Linux kernel, for tests and benchmarks of training across hosts.
 
-    sudo python -m nanoternary.tools.twohosts -- python train.py --batch-size 8 ...   # as on two hosts
-    sudo python -m nanoternary.tools.twohosts --rate 1gbit -- python -m nanoternary.tools.mpi_bench --worker
+    sudo python -m nanoternary.tools.twohosts -- python $PWD/train.py --data $PWD/my.parquet --batch-size 8
+    sudo python -m nanoternary.tools.twohosts --rate 1gbit -- python $PWD/train.py ...    # a 1 Gbit/s link
 
 Each "host" is a network namespace with its own host name (a UTS namespace), its own address on one
 end of a veth pair (10.77.0.1 and 10.77.0.2: they exist only inside these namespaces, nothing leaves
@@ -15,8 +15,8 @@ transport is told otherwise: UCX (MPICH's network module here) finds its shared-
 between them. UCX_TLS=tcp,self (set by run()) leaves UCX only TCP, as between two real machines, and
 the veth's byte counters (link_bytes()) show that the traffic crossed it.
 
-Needs root (namespaces, mounts, links), iproute2's `ip` and `tc`, and util-linux's `unshare`:
-why_not() says what is missing. Everything is removed by close() (processes, namespaces, veth),
+Needs root (namespaces, mounts, links), iproute2's `ip` and `tc`, util-linux's `unshare` and
+`mount`, and `hostname`: why_not() says what is missing. Everything is removed by close() (processes, namespaces, veth),
 also after a failure: use it as a context manager.
 """
 import argparse
@@ -40,7 +40,8 @@ def why_not():
         return "network namespaces are Linux's"
     if os.geteuid() != 0:
         return "needs root (network and mount namespaces, veth links)"
-    for tool, package in (("ip", "iproute2"), ("tc", "iproute2"), ("unshare", "util-linux")):
+    for tool, package in (("ip", "iproute2"), ("tc", "iproute2"), ("unshare", "util-linux"), ("mount", "util-linux"),
+                          ("hostname", "hostname")):
         if shutil.which(tool) is None:
             return f"no `{tool}` ({package})"
     probe = f"ntprobe{os.getpid()}"
