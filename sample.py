@@ -15,7 +15,6 @@ the speed (prompt pass and generation separately, tokens/s) goes to stderr at th
 Sampling follows nanoGPT's sample.py defaults (temperature 0.8, top-k 200) and one seed: the same
 seed and flags give the same text.
 """
-import argparse
 import codecs
 import os
 import sys
@@ -24,16 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoternary import config
-from nanoternary.config import setting
+from nanoternary.config import OneLineParser, setting
 
 
 @dataclass
 class SampleConfig:
     """What sample.py does, each setting declared once (the command line is derived from it)."""
     checkpoint: str = setting("out", "checkpoint file (full or packed) or run folder, which means its "
-                              "latest.npz", group="model")
-    kernel: str = setting("addsub", "ternary layers by additions/subtractions only, or by float GEMVs",
-                          choices=("addsub", "blas"))
+                              "latest.npz (or best.npz if it has no latest.npz)", group="model")
+    kernel: str = setting("addsub", "ternary layers by additions/subtractions only, or by float GEMVs (a "
+                          "float core, train.py --no-ternary, always runs with blas)", choices=("addsub", "blas"))
     ema: bool = setting(False, "use the checkpoint's EMA-averaged weights (train.py --ema), as its "
                         "evaluation does (default: the trained weights)")
     head: str = setting(None, "the output head to expect; it comes from the checkpoint, which was trained "
@@ -55,7 +54,7 @@ class SampleConfig:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         description="Generate text from a nanoternary checkpoint, printed as it is generated.")
     config.add_arguments(ap, SampleConfig)
     args = ap.parse_args(argv)
@@ -87,13 +86,15 @@ class TextStream:
 
 
 def no_checkpoint(path):
-    """True when there is nothing at `path` to load: no file, or a run folder without latest.npz."""
+    """True when there is nothing at `path` to load: no file, or a run folder with neither
+    latest.npz nor best.npz (a run stopped before its first save has only best.npz)."""
     if os.path.isdir(path):
-        return not os.path.exists(os.path.join(path, "latest.npz"))
+        return not any(os.path.exists(os.path.join(path, f)) for f in ("latest.npz", "best.npz"))
     return not os.path.exists(path)
 
 
 def main(argv=None):
+    config.safe_output()                     # any character the model emits, on any terminal
     args = parse_args(argv)
     if no_checkpoint(args.checkpoint):
         print(f"no checkpoint at {args.checkpoint}: run `python train.py` first "
@@ -101,7 +102,8 @@ def main(argv=None):
         return 1
 
     from nanoternary.checkpoint import CheckpointError
-    from nanoternary.generate import Generator, load_weights
+    from nanoternary.generate import Generator
+    from nanoternary.pack import load_weights
     from nanoternary.tokenizer import EOT, get_encoding
 
     try:
@@ -110,10 +112,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = weights.cfg
+    if not cfg.ternary and args.kernel == "addsub":   # float weights: no additions-only product to run
+        args.kernel = "blas"
     step = weights.meta.get("step", weights.meta.get("source", {}).get("step"))
     print(f"{weights.kind} checkpoint {weights.path}" + (f" (step {step})" if step is not None else "")
           + (", EMA weights" if weights.meta.get("ema") or weights.meta.get("source", {}).get("ema") else "")
-          + f", head {cfg.head}, kernel {args.kernel}", file=sys.stderr)
+          + f", head {cfg.head}, {'ternary' if cfg.ternary else 'float (--no-ternary)'} core, kernel {args.kernel}",
+          file=sys.stderr)
     enc = get_encoding()
     prompt_ids = enc.encode(args.prompt, allowed_special="all")
     if prompt_ids and max(prompt_ids) >= cfg.vocab_size:

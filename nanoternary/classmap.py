@@ -7,8 +7,6 @@ that makes the head cheap).
 """
 import numpy as np
 
-from .checkpoint import CheckpointError
-
 
 class ClassMap:
     """Which class each token is in, and the tokens of each class as a contiguous run of `order`.
@@ -74,21 +72,6 @@ class ClassMap:
     @classmethod
     def from_state(cls, state):
         return cls(state["token_class"])
-
-    @classmethod
-    def from_checkpoint(cls, state, vocab_size, n_classes, where):
-        """The class map saved in a checkpoint (`state`), checked against the model it belongs to."""
-        if "token_class" not in state:
-            raise CheckpointError(f"{where}: a hier-head checkpoint without its class map (cmap/token_class)")
-        tc = state["token_class"]
-        if tc.shape != (vocab_size,) or tc.min() < 0 or tc.max() >= n_classes:
-            raise CheckpointError(f"{where}: its class map does not fit the model ({tc.shape[0]} tokens, "
-                                  f"classes {tc.min()}..{tc.max()}; the model has {vocab_size} tokens and "
-                                  f"{n_classes} classes)")
-        try:
-            return cls.from_state(state)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: its class map is invalid ({e})") from None
 
 
 def _no_empty_bins(bins, n_classes):

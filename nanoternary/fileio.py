@@ -9,7 +9,7 @@ through here.
     with atomic_path("data/x.parquet") as tmp:    # a path, for writers that want one
         pq.write_table(table, tmp)
     remove_stale_temps("out")                     # at start: temporary files of dead writers
-    with folder_lock("out", "a training run"):    # one writer per folder, for the block's life
+    with folder_lock("out", "a training run"):    # one writer per folder, for the block's life (filelock)
         ...
 
 A process killed outright (kill -9, a power cut) cannot remove its temporary file. So the name of
@@ -27,10 +27,7 @@ import secrets
 import socket
 import time
 
-try:
-    import fcntl                                  # POSIX; on Windows folder_lock does not lock
-except ImportError:
-    fcntl = None
+import filelock
 
 # The host part of temporary names: letters, digits and '-' only, so a name parses back unambiguously.
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:40] or "host"
@@ -64,6 +61,16 @@ def _process_exists(pid):
     return True
 
 
+def temp_name_parts(name):
+    """(host, pid, its process still runs) of a name temp_path() made, or None for any other name.
+    Whether it runs is known on this host only (False for another host's)."""
+    m = _TEMP_NAME.search(name)
+    if m is None:
+        return None
+    pid = int(m["pid"])
+    return m["host"], pid, m["host"] == HOST and _process_exists(pid)
+
+
 def remove_stale_temps(folder):
     """Remove the temporary files in `folder` (not in its subfolders) whose writer has ended; return
     their paths. Only names made by temp_path() are considered, only those of this host (a process
@@ -79,8 +86,8 @@ def remove_stale_temps(folder):
         return []
     removed = []
     for name in sorted(names):
-        m = _TEMP_NAME.search(name)
-        if m is None or m["host"] != HOST or _process_exists(int(m["pid"])):
+        parts = temp_name_parts(name)
+        if parts is None or parts[0] != HOST or parts[2]:
             continue
         try:
             os.remove(os.path.join(folder, name))
@@ -118,26 +125,31 @@ class FolderBusy(OSError):
 
 @contextlib.contextmanager
 def folder_lock(folder, what):
-    """Hold an exclusive lock on `folder`/.lock for the block, so that two processes never write the
-    same run folder. The lock is the kernel's (fcntl.flock): it goes away with the process, however
-    it ends (kill -9 included), so a stale lock never blocks the next run. The file names its holder
-    (`what`, pid, host, start time) for the message the second process gets. Raises FolderBusy, or
-    OSError when the folder cannot be written."""
-    path = os.path.join(folder, ".lock")
-    f = open(path, "a+")
+    """Hold an exclusive lock on `folder` for the block, so that two processes never write the same
+    run folder: `filelock` (the maintained library; the kernel's flock on Linux and macOS, the
+    system's file locking on Windows) on `folder`/.lock. The kernel drops such a lock when its
+    process ends, however it ends (kill -9 included), so a killed run never blocks the next one.
+    Who holds it (`what`, pid, host, start time) is written beside it, in `folder`/.lock.holder, for
+    the message the second process gets. Raises FolderBusy, or OSError when the folder cannot be
+    written."""
+    lock = filelock.FileLock(os.path.join(folder, ".lock"))
+    holder = os.path.join(folder, ".lock.holder")
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise FolderBusy(f"{folder}/ is in use by {holder}: wait for it to end or stop it, "
-                                 f"or use another folder") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        f.flush()
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            with open(holder) as f:
+                who = f.read().strip()
+        except OSError:
+            who = ""
+        raise FolderBusy(f"{folder}/ is in use by {who or 'another process'}: wait for it to end or stop it, "
+                         f"or use another folder") from None
+    try:
+        with open(holder, "w") as f:
+            f.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         yield
     finally:
-        f.close()                                 # closing the file releases the lock
+        with contextlib.suppress(OSError):
+            os.remove(holder)
+        lock.release()

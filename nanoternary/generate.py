@@ -24,7 +24,7 @@ docs/generation.md has the table.
 The model has no attention and no positional embedding: its only mixing over time is the causal
 dilated convolutions of the ConvMixer, n_recursions x len(dilations) of them (2 x 3 = 6 for the
 reference), and each looks back a fixed (K-1)*D steps. So the prompt is processed once, in one
-batched pass of the model's own `block_forward`, and from then on a new token needs, per conv,
+batched pass of the model's own `body_forward`, and from then on a new token needs, per conv,
 only the last (K-1)*D inputs of that conv: a ring buffer.
 
 One conv with kernel K and dilation D reads the normalised input u of its layer (C,) at the taps
@@ -44,7 +44,7 @@ once (gate and value read the same u), one small (1, K*Ci) @ (K*Ci, 2*Co) produc
 two weights side by side), write one row. The prompt pass writes its last L inputs into the buffers.
 
 Everything else in the block works on each position alone (RMSNorm, the ternary linears, the GLU),
-so a step is the model's `block_forward` on ONE row, with `RingConv`s in place of the convs
+so a step is the model's `body_forward` on ONE row, with `RingConv`s in place of the convs
 (`model.mixer_forward`'s `convs`): the architecture is written once, in model.py. The whole model
 sees cfg.receptive_field tokens (1 + 2 * 3 * (1+4+64) = 415 for the reference); the buffers hold
 exactly what that needs.
@@ -72,262 +72,28 @@ class by class (E[order]), so a class's tokens are a contiguous slice. Temperatu
 apply to each of the two draws (exact for temperature 1 without filters; otherwise the natural
 two-level analogue of the full-vocabulary filter, as the full one would need all V logits).
 
-## Packed checkpoints (`export_packed`, `load_weights`)
-
-A .npz with the checkpoint.py conventions (JSON meta, written to a .tmp and renamed):
-
-    param/<name>    every float tensor except the 4 ternary latents (embed.w as float16 optionally)
-    ternary/<name>  the QUANTIZED ternary weights, packed by pack.py: "2bit" (2 bits/weight) or
-                    "base3" (5 trits per byte, 1.6 bits/weight); shape and scale s in the meta
-    cmap/<key>      the hier head's class map
-    meta            {"format": "nanoternary-packed-1", "kind": "packed", "scheme", "config", ...}
-
-The ternary weights are stored as the model's quantizer produced them, and the generator uses them
-as they are. Quantizing them again would not be safe: absmean is not idempotent (a ternary matrix
-without zeros has mean|W| = 1, and the rule W > 1 then turns every weight to 0).
+Packed checkpoints (2 bits per ternary weight) are written and read by pack.py.
 """
-import argparse
 import json
 import os
 import sys
 import time
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import CheckpointError, check_params, check_zip, load_checkpoint, read_npz, resolve
-from .fileio import atomic_open
-from .classmap import ClassMap
-from .model import TERNARY, Model, ModelConfig, block_forward, n_hier_classes, param_shapes, quantize
+from .checkpoint import CheckpointError, resolve
+from .config import OneLineParser, number, run_cli, safe_output
+from .model import Model, ModelConfig, body_forward
 from .ops.conv import conv1d_forward, split_weight
 from .ops.hier_head import hier_log_probs
-from .ops.norm import rmsnorm_forward
 from .ops.ternary import addsub_plan
-from .pack import SCHEMES, bits_per_weight, pack, unpack
+from .pack import SCHEMES, as_weights, export_packed, load_packed
+from .resources import check_generation
 from .sampling import sample_token
-
 from .tokenizer import EOT          # GPT-2's <|endoftext|>: the start token of an empty prompt
-PACKED_FORMAT = "nanoternary-packed-1"
+
 KERNELS = ("addsub", "blas")
-
-
-# ----------------------------------------------------------------------------------------------
-# what the generator runs from: float tensors + the quantized ternary matrices
-
-
-@dataclass
-class InferenceWeights:
-    """Everything generation needs, from a Model or from a packed checkpoint.
-
-    params   name -> float array: embedding, norm gains, conv weights, hier class vectors
-             (every parameter except the four ternary latents)
-    ternary  name -> (W_t (O, I) int8 in {-1, 0, +1}, s float): the quantized matrices, as they are
-    """
-    cfg: ModelConfig
-    params: dict
-    ternary: dict
-    class_map: object = None          # ops.hier_head.ClassMap for the hier head
-    meta: dict = field(default_factory=dict)
-    kind: str = "model"               # "model" (in memory), "full" or "packed" (loaded from a file)
-    path: str = None
-
-    @property
-    def dtype(self):
-        return self.params["norm_f.g"].dtype
-
-
-def weights_from_model(model):
-    """A Model's weights for generation: its ternary weights quantized now (model.quantize) and
-    its float tensors (the model's own arrays, not copies): build a new Generator after training more."""
-    q = quantize(model.params, model.cfg)
-    ternary = {}
-    for name in TERNARY:
-        wt, s = q[name]
-        if model.cfg.ternary:
-            ternary[name] = (wt.astype(np.int8), float(s))
-        else:  # float weights (ternary=False): kept as they are, only the "blas" kernel applies
-            ternary[name] = (np.array(wt), float(s))
-    params = {k: v for k, v in model.params.items() if k not in TERNARY}
-    return InferenceWeights(model.cfg, params, ternary, model.hier, dict(getattr(model, "meta", {})),
-                            "model", None)
-
-
-def _peek_kind(path):
-    """"packed" or "full", reading only the meta member (a full checkpoint is validated by Model.load)."""
-    check_zip(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "meta" not in z.files:
-                raise CheckpointError(f"{path} is a .npz file but not a nanoternary checkpoint (no 'meta' entry)")
-            meta = json.loads(z["meta"].tobytes().decode())
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a readable nanoternary checkpoint ({type(e).__name__}: "
-                              f"{e}); it may be truncated or corrupt") from None
-    return "packed" if isinstance(meta, dict) and meta.get("kind") == "packed" else "full"
-
-
-def load_weights(path, dtype=None, ema=False):
-    """A checkpoint for generation: a full one (train.py's) or a packed one, the file or its run
-    folder (-> latest.npz). Raises CheckpointError for missing, damaged or foreign files.
-    ema=True: a full checkpoint's EMA-averaged weights (what train.py evaluates with --ema)."""
-    f = resolve(path)
-    if _peek_kind(f) == "packed":
-        if ema:
-            raise CheckpointError(f"{f} is a packed checkpoint with one set of weights; to sample "
-                                  f"the EMA weights, export them with `export --ema`")
-        return load_packed(f, dtype)
-    w = weights_from_model(_load_full(f, dtype, ema))
-    w.kind, w.path = "full", f
-    return w
-
-
-def _load_full(path, dtype=None, ema=False):
-    """Model.load, with the EMA weights (opt/ema/shadow/<name>) in place of the trained ones if ema."""
-    model = Model.load(path, dtype=dtype)
-    if ema:
-        _, _, opt, _ = load_checkpoint(path)
-        prefix = "ema/shadow/"
-        shadow = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
-        if not shadow:
-            raise CheckpointError(f"{path} has no EMA weights (trained without --ema)")
-        check_params(shadow, {k: v.shape for k, v in model.params.items()}, f"{path} (EMA weights)")
-        for k, v in shadow.items():
-            model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
-        model.meta = {**model.meta, "ema": True}
-    return model
-
-
-def as_weights(source, dtype=None):
-    """InferenceWeights from a Model, InferenceWeights, or a checkpoint path (full or packed)."""
-    if isinstance(source, InferenceWeights):
-        return source
-    if isinstance(source, Model):
-        return weights_from_model(source)
-    if isinstance(source, (str, os.PathLike)):
-        return load_weights(os.fspath(source), dtype)
-    raise TypeError(f"expected a Model, InferenceWeights or a checkpoint path, got {type(source).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
-# packed export
-
-
-def export_packed(source, path, scheme="2bit", embed_fp16=False, ema=False):
-    """Write a compact generation checkpoint; -> a report dict (sizes in bytes, bits per weight).
-
-    source: a Model, or a checkpoint path (file or run folder). The four ternary matrices are
-    quantized with the model's own rule (model.quantize) and packed with `scheme` ("2bit" or
-    "base3"); every other tensor is stored as float (embed.w as float16 if embed_fp16: half the
-    file, a rounding of the embedding, so logits change slightly). ema=True packs a checkpoint's
-    EMA-averaged weights instead of the trained ones.
-    """
-    source_path = None
-    if isinstance(source, Model):
-        if ema:
-            raise ValueError("ema=True needs a checkpoint path (the EMA weights are in the checkpoint)")
-        model = source
-    else:
-        source_path = resolve(os.fspath(source))
-        model = _load_full(source_path, ema=ema)
-    if not model.cfg.ternary:
-        raise ValueError("this model has float weights (ternary=False): there is nothing to pack")
-    w = weights_from_model(model)
-    w.path = source_path
-    rep = save_packed(w, path, scheme, embed_fp16)
-    rep["source_checkpoint"] = source_path
-    rep["source_bytes"] = os.path.getsize(source_path) if source_path else None
-    return rep
-
-
-def save_packed(w, path, scheme="2bit", embed_fp16=False):
-    """Write InferenceWeights `w` as a packed checkpoint, atomically; -> the size report.
-    The ternary weights are packed exactly as they are in w.ternary (int8 -1/0/+1)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown packing scheme {scheme!r}; expected one of {SCHEMES}")
-    arrays, tern_meta = {}, {}
-    for k, v in w.params.items():
-        arrays[f"param/{k}"] = v.astype(np.float16) if (k == "embed.w" and embed_fp16) else v
-    n_weights = n_bytes = 0
-    for name, (wt, s) in w.ternary.items():
-        packed, shape = pack(wt, scheme)                      # ValueError if not -1/0/+1
-        arrays[f"ternary/{name}"] = packed
-        tern_meta[name] = {"shape": list(shape), "scale": float(s),
-                           "bits_per_weight": bits_per_weight(packed, shape)}
-        n_weights += wt.size
-        n_bytes += packed.nbytes
-    if w.class_map is not None:
-        for k, v in w.class_map.state().items():
-            arrays[f"cmap/{k}"] = np.asarray(v)
-    meta = {
-        "format": PACKED_FORMAT,
-        "kind": "packed",
-        "scheme": scheme,
-        "config": w.cfg.to_dict(),
-        "dtype": str(w.dtype),
-        "embed_dtype": "float16" if embed_fp16 else str(w.dtype),
-        "ternary": tern_meta,
-        "source": {"path": w.path, **{k: w.meta[k] for k in ("step", "tokens", "val_loss", "ema")
-                                      if k in w.meta}},
-    }
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with atomic_open(path) as f:                 # atomic, as checkpoint.save_checkpoint
-        np.savez(f, **arrays)
-    float_bytes = sum(v.nbytes for v in w.params.values()) + n_weights * w.dtype.itemsize
-    return {
-        "path": path,
-        "scheme": scheme,
-        "bytes": os.path.getsize(path),
-        "float_weights_bytes": float_bytes,        # every parameter as float: a params-only checkpoint
-        "ternary_weights": n_weights,
-        "ternary_bytes": n_bytes,
-        "ternary_float_bytes": n_weights * w.dtype.itemsize,
-        "bits_per_ternary_weight": 8.0 * n_bytes / n_weights,
-        "embed_dtype": meta["embed_dtype"],
-    }
-
-
-def load_packed(path, dtype=None):
-    """InferenceWeights from a packed checkpoint (export_packed's), validated; CheckpointError if not."""
-    arrays, meta = read_npz(path)
-    if meta.get("format") != PACKED_FORMAT or meta.get("kind") != "packed":
-        raise CheckpointError(f"{path}: not a packed generation checkpoint (format {meta.get('format')!r})")
-    try:
-        cfg = ModelConfig.from_dict(meta["config"])
-        scheme = meta["scheme"]
-        tern_meta = meta["ternary"]
-        saved_dtype = np.dtype(meta["dtype"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its metadata is missing or invalid ({e})") from None
-    dtype = np.dtype(dtype) if dtype is not None else saved_dtype
-    groups = {"param": {}, "ternary": {}, "cmap": {}}
-    for k, v in arrays.items():
-        prefix, _, name = k.partition("/")
-        if prefix not in groups:
-            raise CheckpointError(f"{path}: unexpected entry {k!r}")
-        groups[prefix][name] = v
-    shapes = param_shapes(cfg)
-    float_shapes = {k: s for k, s in shapes.items() if k not in TERNARY}
-    check_params(groups["param"], float_shapes, path)
-    if sorted(groups["ternary"]) != sorted(TERNARY) or sorted(tern_meta) != sorted(TERNARY):
-        raise CheckpointError(f"{path}: expected packed tensors {list(TERNARY)}, found {sorted(groups['ternary'])}")
-    ternary = {}
-    for name in TERNARY:
-        shape = tuple(tern_meta[name]["shape"])
-        if shape != tuple(shapes[name]):
-            raise CheckpointError(f"{path}: {name} has shape {shape}, the configuration needs {shapes[name]}")
-        try:
-            wt = unpack(groups["ternary"][name], shape, scheme)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {name} cannot be unpacked ({e})") from None
-        ternary[name] = (wt, float(tern_meta[name]["scale"]))
-    params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in groups["param"].items()}
-    class_map = None
-    if cfg.head == "hier":
-        class_map = ClassMap.from_checkpoint(groups["cmap"], cfg.vocab_size, n_hier_classes(cfg), path)
-    return InferenceWeights(cfg, params, ternary, class_map, meta, "packed", path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,9 +121,12 @@ class RingConv:
         C_out, Ci, K = w_gate.shape
         G, Co = groups, C_out // groups
         self.K, self.G, self.Ci = K, G, Ci
-        self.L = (K - 1) * dilation
-        self.ring = np.zeros((self.L, G * Ci), dtype=dtype)   # row p mod L holds u_p; zeros for p < 0
-        self.back = np.arange(K - 1) * dilation                # tap k < K-1 sits at row (t + kD) mod L
+        self.L = L = (K - 1) * dilation
+        # buf (G, L+1, Ci), group-major: row p mod L holds u_p (zeros for p < 0), row L the new input
+        self.buf = np.zeros((G, L + 1, Ci), dtype=dtype)
+        # the rows position t reads, taps 0 .. K-1: tap k < K-1 at row (t + kD) mod L, tap K-1 at row L
+        t = np.arange(max(L, 1))[:, None]
+        self.taps = np.concatenate([(t + np.arange(K - 1) * dilation) % max(L, 1), np.full((max(L, 1), 1), L)], 1)
         self.w_gate, self.w_value = w_gate, w_value
         # the conv's per-group, per-tap weights (G, K, Ci, Co) as (G, K*Ci, Co): row k*Ci + i, column o;
         # the gate's columns, then the value's
@@ -366,38 +135,33 @@ class RingConv:
         self.reset()
 
     def reset(self):
-        self.ring[:] = 0
+        self.buf[:] = 0
         self.t = 0                                             # the position of the next input
         self.u_in = self.y = None
 
     def __call__(self, u, w, D, G):
         # u (1,T,C), w (C_out, C/G, K) -> y (1,T,C_out), cache: as conv1d_forward
+        assert w is self.w_gate or w is self.w_value, "RingConv serves its own layer's two convs"
         first = u is not self.u_in
         self.u_in = u
         if u.shape[1] > 1:                                     # the prompt, from position 0
             if first:
                 assert self.t == 0, "a prompt of several tokens starts at position 0"
-                self._write(u[0])
+                T, L = u.shape[1], self.L                      # its last L inputs go to their rows
+                p = np.arange(max(0, T - L), T)
+                self.buf[:, p % max(L, 1)] = u[0, p].reshape(-1, self.G, self.Ci).transpose(1, 0, 2)
+                self.t = T
             return conv1d_forward(u, w, D, G)
         if first:
-            taps = np.concatenate((self.ring[(self.t + self.back) % self.L], u[0])) if self.L else u[0]
-            taps = taps.reshape(self.K, self.G, self.Ci).transpose(1, 0, 2).reshape(self.G, 1, -1)
-            self.y = np.matmul(taps, self.W)[:, 0]             # (G, 2Co): [gate | value] per group
-            self._write(u[0])
+            self.buf[:, self.L] = u.reshape(self.G, self.Ci)   # the new input, u_t
+            taps = self.buf[:, self.taps[self.t % max(self.L, 1)]]          # (G, K, Ci)
+            self.y = np.matmul(taps.reshape(self.G, 1, -1), self.W)[:, 0]  # (G, 2Co): [gate | value]
+            if self.L:
+                self.buf[:, self.t % self.L] = self.buf[:, self.L]         # u_t over u_{t-L}
+            self.t += 1
         Co = self.y.shape[1] // 2
         half = self.y[:, :Co] if w is self.w_gate else self.y[:, Co:]
-        assert w is self.w_gate or w is self.w_value, "RingConv serves its own layer's two convs"
         return half.reshape(1, 1, -1), None
-
-    def _write(self, u):
-        # u (T, C): the inputs at positions t .. t+T-1 become history; the last L go to their rows
-        T = u.shape[0]
-        if self.L and T == 1:
-            self.ring[self.t % self.L] = u[0]
-        elif self.L:
-            p = np.arange(max(0, T - self.L), T)
-            self.ring[(self.t + p) % self.L] = u[p]
-        self.t += T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,6 +214,8 @@ class Generator:
         # block_forward calls ternary_linear_forward(x, *q[name]) = (x, W_t, s, kernel, plan)
         self.q = {name: (wt.astype(dt), dt.type(s), kernel, addsub_plan(wt) if kernel == "addsub" else None)
                   for name, (wt, s) in w.ternary.items()}
+        # ring buffers of (K-1) D rows per layer: a crafted config's huge dilations fail here, on one line
+        check_generation(cfg, dt.itemsize, where=f"generating with {w.path or 'this model'}")
         # one RingConv per ConvMixer layer of every block application (the weights are shared, the state not)
         self.rings = [[RingConv(p[f"block.mix.conv{i}.gate.w"], p[f"block.mix.conv{i}.value.w"], D,
                                 cfg.conv_groups, dt) for i, D in enumerate(cfg.dilations)]
@@ -478,13 +244,10 @@ class Generator:
 
     def _forward(self, ids):
         # ids (T,) the tokens at positions self.pos .. self.pos+T-1 -> h (T, C) their final hidden
-        # states. The model's own op list (model.block_forward); only the convs read their rings.
-        x = self._embed(ids)[None]                                           # (1, T, C)
-        for r in range(self.cfg.n_recursions):
-            x, _ = block_forward(x, self.p, self.q, self.cfg, convs=self.rings[r])
-        h, _ = rmsnorm_forward(x, self.p["norm_f.g"])
+        # states: the model's own body_forward, with convs that read their rings
+        h, _ = body_forward(self._embed(ids)[None], self.p, self.q, self.cfg, convs=self.rings)
         self.pos += len(ids)
-        return h[0]
+        return h
 
     def prefill(self, ids):
         # ids (T,) int -> H (T, C) final hidden state of every position, from an empty state; the
@@ -638,7 +401,7 @@ def _human(n):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nanoternary.generate",
+    ap = OneLineParser(prog="python -m nanoternary.generate",
                                  description="Packed generation checkpoints and the generation benchmark.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="write a packed checkpoint for generation and print its size")
@@ -654,25 +417,32 @@ def main(argv=None):
     ex.add_argument("--json", action="store_true", help="print the report as one JSON object")
     be = sub.add_parser("bench", help="generation tokens/s, reference config, random weights (JSON)")
     be.add_argument("--head", choices=("full", "hier"), default="full", help="output head (default: full)")
-    be.add_argument("--tokens", type=int, default=200, help="tokens generated per run (default: 200)")
-    be.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
+    be.add_argument("--tokens", type=number(int, "[1, inf)"), default=200, help="tokens generated per run (default: 200)")
+    be.add_argument("--prompt-len", type=number(int, "[1, inf)"), default=64, help="prompt tokens (default: 64)")
     be.add_argument("--kernel", choices=KERNELS + ("both",), default="both",
                     help="ternary kernel(s) to time (default: both)")
     args = ap.parse_args(argv)
-
-    if args.cmd == "bench":
-        kernels = KERNELS if args.kernel == "both" else (args.kernel,)
-        print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels), indent=1))
-        return 0
-
+    safe_output()
     try:
+        if args.cmd == "bench":
+            kernels = KERNELS if args.kernel == "both" else (args.kernel,)
+            check_generation(ModelConfig(head=args.head), 4, args.prompt_len, "the benchmark (--prompt-len)")
+            print(json.dumps(bench(args.head, args.tokens, args.prompt_len, kernels), indent=1))
+            return 0
         src = resolve(args.checkpoint)
         out = args.out or os.path.join(os.path.dirname(src) or ".", "model-packed.npz")
         rep = export_packed(src, out, args.scheme, args.embed_fp16, args.ema)
         w = load_packed(out)                       # read it back: the check a user would do next
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:                           # an --out that cannot be written: nothing was replaced
+        print(f"error: cannot write {args.out} ({e.strerror or e}): choose a file in a folder you can write to",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing half-written was kept", file=sys.stderr)
+        return 130
     rep["reloaded"] = bool(w.kind == "packed")
     if args.json:
         print(json.dumps(rep))
@@ -688,4 +458,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -33,15 +33,12 @@ import argparse
 import json
 import math
 import os
-import socket
 import struct
-import threading
-import urllib.parse
 
 import numpy as np
 
-from .data import brief, call_with_timeout
 from .fileio import atomic_open, remove_stale_temps
+from .sources import brief, call_with_timeout, hub_offline_reason
 
 GPT2_PATH = "openai-community/gpt2/model.safetensors"  # HfFileSystem path: repo id + file
 WTE_NAMES = ("wte.weight", "transformer.wte.weight")     # GPT-2's file says the first; HF's
@@ -109,7 +106,7 @@ def fetch_gpt2_wte(fs=None, path=GPT2_PATH):
     (cache_type="none"), so each read is one HTTP range request for exactly the bytes asked for,
     where fsspec's default cache would fetch a 5 MiB block for the 8-byte header size alone.
     Opening the file (the repository's info and its folder listing, which has no timeout of its
-    own) must answer within HUB_TIMEOUT seconds, else data.HubUnreachable; the reads are bounded by
+    own) must answer within HUB_TIMEOUT seconds, else sources.HubUnreachable; the reads are bounded by
     huggingface_hub's own timeout and retries (HF_HUB_DOWNLOAD_TIMEOUT, 10 s without a byte).
     """
     if fs is None:
@@ -178,41 +175,6 @@ def random_embedding(V, d, rng, std=0.02, dtype=np.float32):
 # the cached, offline-aware entry point
 
 
-def _env_true(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_offline_reason(endpoint=None, timeout=3.0):
-    """None if the hub looks reachable, else a short reason. Never waits more than `timeout` s.
-
-    HF_HUB_OFFLINE=1 answers at once. Otherwise one TCP connection to the endpoint's host (the
-    hub, or HF_ENDPOINT's mirror), made in a thread so that a DNS lookup that hangs (the usual
-    way of no network) cannot stall the run: huggingface_hub would retry for much longer.
-    """
-    if _env_true("HF_HUB_OFFLINE"):
-        return "HF_HUB_OFFLINE is set"
-    if endpoint is None:
-        from huggingface_hub import constants
-        if getattr(constants, "HF_HUB_OFFLINE", False):
-            return "HF_HUB_OFFLINE is set"
-        endpoint = constants.ENDPOINT
-    url = urllib.parse.urlparse(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except OSError as e:
-            result.append(f"cannot reach {host}: {e.strerror or e}")
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return result[0] if result else f"no answer from {host} in {timeout:g} s"
-
-
 def _load_cache(path, vocab_size, d_model, verbose):
     """The cached projection, or None if absent or unusable (then it is rebuilt)."""
     if not os.path.exists(path):
@@ -226,13 +188,6 @@ def _load_cache(path, vocab_size, d_model, verbose):
         if verbose:
             print(f"gpt2_embed: cache {path} is unusable ({e}); rebuilding it")
         return None
-
-
-def _save_atomic(path, write):
-    """write(f) through fileio.atomic_open: a crash or a full disk leaves either the old file or the
-    new one, never half of one."""
-    with atomic_open(path) as f:
-        write(f)
 
 
 def load_gpt2_embedding(d_model, cache_dir="data", fs=None, verbose=True, target_std=None,
@@ -282,10 +237,11 @@ def load_gpt2_embedding(d_model, cache_dir="data", fs=None, verbose=True, target
         try:
             os.makedirs(cache_dir, exist_ok=True)
             remove_stale_temps(cache_dir)       # left by a run killed while saving
-            _save_atomic(cache, lambda f: np.save(f, P))
-            _save_atomic(info_path, lambda f: f.write(json.dumps(
-                {"source": path, "tensor": "wte.weight", "shape": list(P.shape), "kept": kept,
-                 "centred": False}).encode()))
+            with atomic_open(cache) as f:       # a crash or a full disk leaves the old file or the new one
+                np.save(f, P)
+            with atomic_open(info_path, "w") as f:
+                json.dump({"source": path, "tensor": "wte.weight", "shape": list(P.shape), "kept": kept,
+                           "centred": False}, f)
             where = f"cached as {cache}"
         except OSError as e:                    # a folder we cannot write: the embedding is still good
             where = f"not cached ({brief(e)}; make {cache_dir} writable to keep it)"

@@ -14,11 +14,10 @@ so elements whose true gradient is ~0 do not give meaningless huge ratios.
 Each op is checked on L = sum(forward(inputs) * R) for a fixed random R, so the backward is fed
 dy = R: every output element matters, with a different weight.
 """
-import argparse
-import sys
 
 import numpy as np
 
+from .config import OneLineParser, number, run_cli
 from .model import Model, ModelConfig
 from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
@@ -146,7 +145,8 @@ TINY = dict(vocab_size=23, d_model=8, glu_hidden=12, n_recursions=2, dilations=(
 
 def tiny_model(seed=0, **kw):
     """A float64 model small enough for finite differences: quantization off (the quantizer is a
-    step function; its gradient is the STE's by definition), weights moved off their init values."""
+    step function; its gradient is the STE's by definition), which is also the float core that
+    train.py --no-ternary trains; weights moved off their init values."""
     cfg = ModelConfig(**{**TINY, "ternary": False, **kw})
     m = Model(cfg, seed=seed, dtype=np.float64)
     r = np.random.default_rng(seed + 1)
@@ -205,9 +205,10 @@ def run(name, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nanoternary.gradcheck", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m nanoternary.gradcheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("only", nargs="?", default="", help="run the checks whose name contains this")
-    ap.add_argument("--tol", type=float, default=TOL, help=f"relative error allowed (default {TOL:g})")
+    ap.add_argument("--tol", type=number(float, "(0, inf)"), default=TOL,
+                    help=f"relative error allowed (default {TOL:g})")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per gradient, not per check")
     args = ap.parse_args(argv)
     names = [n for n in CHECKS if args.only in n]
@@ -228,4 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

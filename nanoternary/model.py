@@ -12,16 +12,19 @@
     h = RMSNorm(x)
     loss = cross-entropy(h @ E^T, targets)            full 50,257-way softmax (or the hier head)
 
-Read `Model.forward` and `Model.backward` (the same list of op calls, reversed), and the block
-functions they call. Everything runs in one thread, straight through: this is the model as it is
-written on paper. nanoternary/fast/ runs the same functions on several cores with a fused head,
-and tests/test_fast.py proves it equal to this file.
+Read `Model.forward` and `Model.backward`: embedding, body, head, and the same three reversed. The
+body (`body_forward`: the block n times and the final norm) and the block are plain functions of
+the parameters, so that generation (generate.py) runs the very same code one position at a time.
+Everything runs in one thread, straight through: this is the model as it is written on paper.
+nanoternary/fast/ runs the same functions on several cores with a fused head, and
+tests/test_fast.py proves it equal to this file.
 
 Parameters and gradients are flat dicts with the same keys, e.g. "block.mix.conv0.gate.w" (see
 `param_shapes`). Gradients are returned, never stored on the model.
 
     model = Model(ModelConfig(), seed=0)              # float32; dtype=np.float64 for grad checks
     loss, grads = model.loss_and_grads(idx, targets)  # idx, targets (B, T) ints
+    model = Model.load("out")                         # a checkpoint (checkpoint.py reads the file)
 """
 import dataclasses
 import math
@@ -29,13 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import CheckpointError, check_params, load_checkpoint, resolve
+from .classmap import ClassMap
 from .config import check, setting
 from .ops.conv import conv1d_backward, conv1d_forward
 from .ops.embedding import embedding_backward, embedding_forward
 from .ops.gates import relu2_glu_backward, relu2_glu_forward, sigmoid_gate_backward, sigmoid_gate_forward
 from .ops.head import log_softmax, nll, softmax_ce_backward, softmax_ce_forward
-from .classmap import ClassMap
 from .ops.hier_head import hier_ce_backward, hier_ce_forward, hier_log_probs, hier_nll
 from .ops.norm import rmsnorm_backward, rmsnorm_forward
 from .ops.ternary import ternary_linear_backward, ternary_linear_forward, ternary_quantize, ternary_ste_backward
@@ -52,7 +54,8 @@ class ModelConfig:
     dilations: tuple = setting((1, 4, 64), "one ConvMixer layer per dilation, comma-separated", range="[1, inf)")
     kernel_size: int = setting(4, "K: taps per causal conv", range="[1, inf)")
     conv_groups: int = setting(16, "G: groups of the convs, d_model/G channels each", range="[1, inf)")
-    ternary: bool = setting(True, "False: plain float weights (for finite-difference checks)", cli=False)
+    ternary: bool = setting(True, "the core's four matrices ternary {-1,0,+1} (default); --no-ternary: plain "
+                            "float weights, all else the same, to measure what ternary costs")
     ternary_scale: bool = setting(False, "BitNet b1.58's per-tensor scale mean|W| on the ternary outputs")
     head: str = setting("full", "output head: the full 50,257-way softmax, or the hierarchical one",
                         choices=("full", "hier"))
@@ -94,14 +97,8 @@ def param_shapes(cfg):
         shapes[f"block.mix.norm{i}.g"] = (C,)
         shapes[f"block.mix.conv{i}.gate.w"] = (C, C // G, K)
         shapes[f"block.mix.conv{i}.value.w"] = (C, C // G, K)
-    shapes.update({
-        "block.mix.out.w": (C, C),
-        "block.norm_glu.g": (C,),
-        "block.glu.gate.w": (H, C),
-        "block.glu.up.w": (H, C),
-        "block.glu.down.w": (C, H),
-        "norm_f.g": (C,),
-    })
+    shapes.update({"block.mix.out.w": (C, C), "block.norm_glu.g": (C,), "block.glu.gate.w": (H, C),
+                   "block.glu.up.w": (H, C), "block.glu.down.w": (C, H), "norm_f.g": (C,)})
     if cfg.head == "hier":
         shapes["head.class_w"] = (n_hier_classes(cfg), C)
     return shapes
@@ -139,15 +136,37 @@ def quantize(params, cfg):
             for name in TERNARY}
 
 
-# ---------------------------------------------------------------------------------- the block
+# ---------------------------------------------------------------------------------- the body
 # p: the parameters, q: their quantized ternary matrices (quantize), cfg: the ModelConfig.
 # Backward functions add their weight gradients into `grads`: the block is applied n_recursions
 # times with the same weights, so each application's gradients are summed there.
 
 
+def body_forward(x, p, q, cfg, convs=None):
+    # x (B,T,C) -> h (B*T, C), cache: the block n_recursions times, then the final RMSNorm
+    """`convs`: for each application of the block, the conv functions of its ConvMixer layers
+    (mixer_forward); None: conv1d_forward everywhere. generate.py passes ring-buffered ones."""
+    caches = []
+    for r in range(cfg.n_recursions):                                    # the SAME weights each time
+        x, c = block_forward(x, p, q, cfg, convs[r] if convs else None)
+        caches.append(c)
+    h, c_norm = rmsnorm_forward(x, p["norm_f.g"])
+    return h.reshape(-1, cfg.d_model), (caches, c_norm)
+
+
+def body_backward(dh, cache, p, cfg):
+    # dh (B*T, C) -> dx (B,T,C), grads of the body's parameters (block.*, norm_f.g): body_forward reversed
+    caches, c_norm = cache
+    grads = {k: np.zeros_like(v) for k, v in p.items() if k.startswith("block.")}
+    dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(c_norm[0].shape), c_norm)
+    for c in reversed(caches):
+        dx = block_backward(dx, c, cfg, grads)                           # gradients summed in grads
+    return dx, grads
+
+
 def block_forward(x, p, q, cfg, convs=None):
     # x (B,T,C) -> x (B,T,C), cache: one application of the weight-shared block
-    """x = x + ConvMixer(RMSNorm(x)); x = x + TernaryGLU(RMSNorm(x)). `convs`: see mixer_forward."""
+    """x = x + ConvMixer(RMSNorm(x)); x = x + TernaryGLU(RMSNorm(x))."""
     h, c_norm_mix = rmsnorm_forward(x, p["block.norm_mix.g"])
     m, c_mix = mixer_forward(h, p, q, cfg, convs)
     x = x + m                                                            # residual
@@ -243,7 +262,8 @@ def glu_backward(dd, cache, grads):
 class Model:
     """Parameters in `self.params` (name -> array), the config in `self.cfg`, and for the hier head
     its class map in `self.hier`. The model's own generator `self.rng` draws the initial weights
-    and, unless a generator is passed, the positions counted by loss_frac."""
+    and, unless a generator is passed, the positions counted by loss_frac. `Model.load(path)` (a
+    checkpoint written by train.py) is checkpoint.load_model: the file format is checkpoint.py's."""
 
     def __init__(self, cfg=None, seed=0, dtype=np.float32, class_map=None):
         self.cfg = cfg if cfg is not None else ModelConfig()
@@ -260,27 +280,27 @@ class Model:
     def forward(self, idx, targets, rows=None, label_smoothing=0.0, z_loss=0.0):
         # idx, targets (B,T) int, rows (n,) distinct positions in [0, B*T) or None -> loss, cache
         """The mean loss over the counted positions (all of them when rows is None)."""
-        h, c_body = self.body_forward(idx)                                # (B*T, C)
+        p = self.params
+        x, c_embed = embedding_forward(self.check_ids(idx), p["embed.w"])    # (B,T,C)
+        h, c_body = body_forward(x, p, quantize(p, self.cfg), self.cfg)     # (B*T, C)
         y = np.asarray(targets).reshape(-1)
-        N = y.size
         if rows is not None:                                              # only these positions count
             h, y = h[rows], y[rows]
         loss, c_head = self.head_forward(h, y, label_smoothing, z_loss)
-        return loss, (c_body, c_head, rows, N)
+        return loss, (c_embed, c_body, c_head, rows)
 
-    def body_forward(self, idx):
-        # idx (B,T) int -> h (B*T, C), cache: everything before the head
-        p, cfg = self.params, self.cfg
-        idx = self.check_ids(idx)
-        B, T = idx.shape
-        q = quantize(p, cfg)
-        x, c_embed = embedding_forward(idx, p["embed.w"])
-        c_blocks = []
-        for _ in range(cfg.n_recursions):                                  # the SAME weights each time
-            x, c = block_forward(x, p, q, cfg)
-            c_blocks.append(c)
-        h, c_norm = rmsnorm_forward(x, p["norm_f.g"])
-        return h.reshape(B * T, cfg.d_model), (c_embed, c_blocks, c_norm)
+    def backward(self, cache):
+        # -> grads: name -> gradient of the loss, for every parameter
+        c_embed, c_body, c_head, rows = cache
+        dh, grads_head = self.head_backward(c_head)
+        if rows is not None:                                              # uncounted rows get zero
+            dh_rows, dh = dh, np.zeros((c_embed[0].size, dh.shape[1]), dh.dtype)
+            dh[rows] = dh_rows                                            # rows are distinct
+        dx, grads = body_backward(dh, c_body, self.params, self.cfg)
+        dE_lookup = embedding_backward(dx, c_embed)
+        grads["embed.w"] = grads_head.pop("embed.w") + dE_lookup          # tied: head + lookup
+        grads.update(grads_head)
+        return grads
 
     def head_forward(self, h, y, label_smoothing=0.0, z_loss=0.0):
         # h (n,C), y (n,) -> loss (mean over the n rows), cache
@@ -289,20 +309,6 @@ class Model:
             return softmax_ce_forward(h, E, y, label_smoothing, z_loss)
         return hier_ce_forward(h, E, self.params["head.class_w"], self.hier, y, label_smoothing, z_loss)
 
-    def backward(self, cache):
-        # -> grads: name -> gradient of the loss, for every parameter
-        c_body, c_head, rows, N = cache
-        dh, grads_head = self.head_backward(c_head)
-        if rows is not None:                                              # uncounted rows get zero
-            dh_rows, dh = dh, np.zeros((N, dh.shape[1]), dh.dtype)
-            dh[rows] = dh_rows                                            # rows are distinct
-        grads, dx = self.body_backward(dh, c_body)
-        c_embed = c_body[0]
-        dE_lookup = embedding_backward(dx, c_embed)
-        grads["embed.w"] = grads_head.pop("embed.w") + dE_lookup          # tied: head + lookup
-        grads.update(grads_head)
-        return grads
-
     def head_backward(self, cache):
         # -> dh (n,C), {"embed.w": the head's dE, "head.class_w": dWc for the hier head}
         if self.cfg.head == "full":
@@ -310,17 +316,6 @@ class Model:
             return dh, {"embed.w": dE}
         dh, dE, dWc = hier_ce_backward(1.0, cache)
         return dh, {"embed.w": dE, "head.class_w": dWc}
-
-    def body_backward(self, dh, cache):
-        # dh (B*T, C) -> grads of the core (every parameter but embed.w and the head's),
-        #                dx (B,T,C) the gradient at the embedding's output (for embedding_backward)
-        """body_forward reversed."""
-        c_embed, c_blocks, c_norm = cache
-        grads = {k: np.zeros_like(v) for k, v in self.params.items() if k.startswith("block.")}
-        dx, grads["norm_f.g"] = rmsnorm_backward(dh.reshape(c_norm[0].shape), c_norm)
-        for c in reversed(c_blocks):
-            dx = block_backward(dx, c, self.cfg, grads)                   # gradients summed in grads
-        return grads, dx
 
     # ------------------------------------------------------------------ the interface
 
@@ -348,11 +343,16 @@ class Model:
         rng = rng if rng is not None else self.rng
         return np.sort(rng.choice(n, size=max(1, int(round(n * loss_frac))), replace=False))
 
+    def hidden(self, idx):
+        # idx (B,T) int -> h (B*T, C): what the head sees (embedding and body, no caches kept)
+        p = self.params
+        return body_forward(embedding_forward(self.check_ids(idx), p["embed.w"])[0], p, quantize(p, self.cfg),
+                            self.cfg)[0]
+
     def nll(self, idx, targets):
         # idx, targets (B,T) -> (B,T) float64: -log p(target) at every position
         targets = np.asarray(targets)
-        h, _ = self.body_forward(idx)
-        E = self.params["embed.w"]
+        h, E = self.hidden(idx), self.params["embed.w"]
         if self.cfg.head == "full":
             out = nll(h, E, targets.reshape(-1))
         else:
@@ -366,8 +366,7 @@ class Model:
     def log_probs(self, idx):
         # idx (B,T) -> (B,T,V) log-probabilities of the next token (all B*T*V of them)
         B, T = np.shape(idx)
-        h, _ = self.body_forward(idx)
-        E = self.params["embed.w"]
+        h, E = self.hidden(idx), self.params["embed.w"]
         if self.cfg.head == "full":
             return log_softmax(h @ E.T).reshape(B, T, -1)
         return hier_log_probs(h, E, self.params["head.class_w"], self.hier).reshape(B, T, -1)
@@ -380,13 +379,11 @@ class Model:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
         return idx
 
-    # ------------------------------------------------------------------ sizes and files
-
     def param_counts(self):
         """Parameters per component, in the order of the architecture diagram."""
-        groups = {"embedding (tied)": 0, "convmixer": 0, "glu": 0, "norms": 0, "hier head": 0}
+        groups = {"embedding (tied)": 0, "convmixer": 0, "glu": 0, "norms": 0, "head": 0}
         for name, w in self.params.items():
-            key = ("embedding (tied)" if name == "embed.w" else "hier head" if name.startswith("head")
+            key = ("embedding (tied)" if name == "embed.w" else "head" if name.startswith("head")
                    else "norms" if name.endswith(".g") else "convmixer" if ".mix." in name else "glu")
             groups[key] += w.size
         groups = {k: v for k, v in groups.items() if v}
@@ -395,28 +392,3 @@ class Model:
 
     def summary(self):
         return "\n".join(f"{k:>18}: {v:>12,}" for k, v in self.param_counts().items())
-
-    @classmethod
-    def load(cls, path, dtype=None):
-        """A model from a checkpoint written by train.py (the file, or its run folder), with the
-        saved dtype unless `dtype` is given; its JSON metadata in `model.meta`."""
-        path = resolve(path)
-        params, meta, _, cmap_state = load_checkpoint(path)
-        return cls.from_state(params, meta, cmap_state, path, dtype)
-
-    @classmethod
-    def from_state(cls, params, meta, cmap_state, where, dtype=None):
-        """A model from what a checkpoint holds (checkpoint.load_checkpoint), checked; `where` names
-        it in errors."""
-        try:
-            cfg = ModelConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: its model config is missing or invalid ({e})") from None
-        check_params(params, param_shapes(cfg), where)
-        class_map = ClassMap.from_checkpoint(cmap_state, cfg.vocab_size, n_hier_classes(cfg), where) \
-            if cfg.head == "hier" else None
-        model = cls(cfg, seed=0, dtype=dtype or next(iter(params.values())).dtype, class_map=class_map)
-        for k, v in params.items():
-            model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
-        model.meta = meta
-        return model

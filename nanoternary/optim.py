@@ -10,19 +10,9 @@ The reference (FlashLM v3) trains with:
 
 AdamW follows torch.optim.AdamW (Loshchilov & Hutter 2019), Muon is Keller Jordan's (2024,
 modded-nanogpt), NorMuon the reference's; tests/test_peer.py checks both against PyTorch.
-Everything works on flat dicts with the model's keys, updated in place:
-
-    muon_names, adam_names = split_params(model.params)
-    muon = NorMuon({k: model.params[k] for k in muon_names})
-    adam = AdamW({k: model.params[k] for k in adam_names})
-    ...
-    mult = wsd(progress, step, warmup=200)            # schedule multiplier in [0, 1]
-    clip_grad_norm(grads, 1.0)
-    muon.step(model.params, grads, lr=0.02 * mult)    # a name missing from grads is skipped
-    adam.step(model.params, grads, lr=3e-4 * mult)
-
-Each elementwise update is one method on whole arrays (AdamW.update, EMA.update_one);
-nanoternary/fast/optim.py runs the same lines on cache-sized pieces, on every core.
+Everything works on flat dicts with the model's keys, updated in place: train.py's
+build_optimizers and train_step show the use. Each elementwise update is one method on whole
+arrays (AdamW.update, EMA.update_one); nanoternary/fast/optim.py runs the same update faster.
 """
 import math
 from contextlib import contextmanager
@@ -206,10 +196,10 @@ def grad_norm(grads):
 
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place by max_norm / (norm + 1e-6) when the global norm exceeds
-    max_norm (as torch.nn.utils.clip_grad_norm_). Returns the norm before clipping; a non-finite
-    norm is returned as it is and nothing is scaled (train.py stops the run)."""
+    max_norm (as torch.nn.utils.clip_grad_norm_); max_norm 0: no clipping. Returns the norm before
+    clipping; a non-finite norm is returned as it is and nothing is scaled (train.py stops the run)."""
     norm = grad_norm(grads)
-    if math.isfinite(norm) and norm > max_norm:
+    if max_norm and math.isfinite(norm) and norm > max_norm:
         for g in grads.values():
             if g is not None:
                 g *= max_norm / (norm + 1e-6)
@@ -217,11 +207,16 @@ def clip_grad_norm(grads, max_norm):
 
 
 def accumulate(acc, grads, scale=1.0):
-    """acc[k] += scale * grads[k] in place (created on first sight): gradient accumulation over
-    n micro-batches is n calls with scale 1/n, starting from acc = {}. Returns acc."""
+    """acc[k] += scale * grads[k] in place: gradient accumulation over n micro-batches is n calls
+    with scale 1/n, starting from acc = {}. A gradient seen first is taken as it is when scale is 1
+    (one micro-batch: no copy). Returns acc."""
     for k, g in grads.items():
-        if g is not None:
-            acc[k] = acc[k] + scale * g if k in acc else scale * g
+        if g is None:
+            continue
+        if k not in acc:
+            acc[k] = g if scale == 1.0 else scale * g
+        else:
+            acc[k] += scale * g
     return acc
 
 

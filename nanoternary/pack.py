@@ -31,11 +31,36 @@ The shape is not stored in the buffer: keep it next to the bytes (the export doe
 taken in C order (row-major), so tensor element i (flat index) is weight i below.
 
 Run `python -m nanoternary.pack` for a demonstration on a reference-sized matrix.
-"""
 
+Packed checkpoints for generation (`export_packed`, `load_weights`, `python -m nanoternary.generate
+export`): the bit packing above applied to a whole model.
+
+A .npz with the checkpoint.py conventions (JSON meta, written to a .tmp and renamed):
+
+    param/<name>    every float tensor except the 4 ternary latents (embed.w as float16 optionally)
+    ternary/<name>  the QUANTIZED ternary weights, packed here: "2bit" (2 bits/weight) or
+                    "base3" (5 trits per byte, 1.6 bits/weight); shape and scale s in the meta
+    cmap/<key>      the hier head's class map
+    meta            {"format": "nanoternary-packed-1", "kind": "packed", "scheme", "config", ...}
+
+The ternary weights are stored as the model's quantizer produced them, and the generator uses them
+as they are. Quantizing them again would not be safe: absmean is not idempotent (a ternary matrix
+without zeros has mean|W| = 1, and the rule W > 1 then turns every weight to 0).
+"""
 import math
+import os
+import zipfile
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from .checkpoint import (CheckpointError, check_params, check_replaceable, check_zip, class_map_from_state,
+                         load_checkpoint, load_model, parse_meta, read_npz, resolve)
+from .fileio import atomic_open
+from .runlog import dumps
+from .model import TERNARY, Model, ModelConfig, param_shapes, quantize
+
+PACKED_FORMAT = "nanoternary-packed-1"
 
 SCHEMES = ("2bit", "base3")
 
@@ -238,6 +263,227 @@ def masks_from_packed(packed, shape, scheme="2bit"):
     packed, shape, n = _check_base3(packed, shape, "masks_from_packed")
     t = _TRITS[packed].reshape(-1)[:n].reshape(shape)
     return t == 1, t == -1
+
+
+# ----------------------------------------------------------------------------------------------
+# what the generator runs from: float tensors + the quantized ternary matrices
+
+
+@dataclass
+class InferenceWeights:
+    """Everything generation needs, from a Model or from a packed checkpoint.
+
+    params   name -> float array: embedding, norm gains, conv weights, hier class vectors
+             (every parameter except the four ternary latents)
+    ternary  name -> (W_t (O, I) int8 in {-1, 0, +1}, s float): the quantized matrices, as they are
+    """
+    cfg: ModelConfig
+    params: dict
+    ternary: dict
+    class_map: object = None          # ops.hier_head.ClassMap for the hier head
+    meta: dict = field(default_factory=dict)
+    kind: str = "model"               # "model" (in memory), "full" or "packed" (loaded from a file)
+    path: str = None
+
+    @property
+    def dtype(self):
+        return self.params["norm_f.g"].dtype
+
+
+def weights_from_model(model):
+    """A Model's weights for generation: its ternary weights quantized now (model.quantize) and
+    its float tensors (the model's own arrays, not copies): build a new Generator after training more."""
+    q = quantize(model.params, model.cfg)
+    ternary = {}
+    for name in TERNARY:
+        wt, s = q[name]
+        if model.cfg.ternary:
+            ternary[name] = (wt.astype(np.int8), float(s))
+        else:  # float weights (ternary=False): kept as they are, only the "blas" kernel applies
+            ternary[name] = (np.array(wt), float(s))
+    params = {k: v for k, v in model.params.items() if k not in TERNARY}
+    return InferenceWeights(model.cfg, params, ternary, model.hier, dict(getattr(model, "meta", {})),
+                            "model", None)
+
+
+def _peek_kind(path):
+    """"packed" or "full", reading only the meta member (a full checkpoint is validated by Model.load)."""
+    check_zip(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise CheckpointError(f"{path} is a .npz file but not a nanoternary checkpoint (no 'meta' entry)")
+            meta = parse_meta(z["meta"], path)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable nanoternary checkpoint ({type(e).__name__}: "
+                              f"{e}); it may be truncated or corrupt") from None
+    return "packed" if isinstance(meta, dict) and meta.get("kind") == "packed" else "full"
+
+
+def load_weights(path, dtype=None, ema=False):
+    """A checkpoint for generation: a full one (train.py's) or a packed one, the file or its run
+    folder (-> latest.npz). Raises CheckpointError for missing, damaged or foreign files.
+    ema=True: a full checkpoint's EMA-averaged weights (what train.py evaluates with --ema)."""
+    f = resolve(path)
+    if _peek_kind(f) == "packed":
+        if ema:
+            raise CheckpointError(f"{f} is a packed checkpoint with one set of weights; to sample "
+                                  f"the EMA weights, export them with `export --ema`")
+        return load_packed(f, dtype)
+    w = weights_from_model(_load_full(f, dtype, ema))
+    w.kind, w.path = "full", f
+    return w
+
+
+def _load_full(path, dtype=None, ema=False):
+    """Model.load, with the EMA weights (opt/ema/shadow/<name>) in place of the trained ones if ema."""
+    model = load_model(path, dtype=dtype)
+    if ema:
+        _, _, opt, _ = load_checkpoint(path)
+        prefix = "ema/shadow/"
+        shadow = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
+        if not shadow:
+            raise CheckpointError(f"{path} has no EMA weights (trained without --ema)")
+        check_params(shadow, {k: v.shape for k, v in model.params.items()}, f"{path} (EMA weights)")
+        for k, v in shadow.items():
+            model.params[k] = np.ascontiguousarray(v, dtype=model.dtype)
+        model.meta = {**model.meta, "ema": True}
+    return model
+
+
+def as_weights(source, dtype=None):
+    """InferenceWeights from a Model, InferenceWeights, or a checkpoint path (full or packed)."""
+    if isinstance(source, InferenceWeights):
+        return source
+    if isinstance(source, Model):
+        return weights_from_model(source)
+    if isinstance(source, (str, os.PathLike)):
+        return load_weights(os.fspath(source), dtype)
+    raise TypeError(f"expected a Model, InferenceWeights or a checkpoint path, got {type(source).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# packed checkpoints: a whole model for generation
+
+
+def export_packed(source, path, scheme="2bit", embed_fp16=False, ema=False):
+    """Write a compact generation checkpoint; -> a report dict (sizes in bytes, bits per weight).
+
+    source: a Model, or a checkpoint path (file or run folder). The four ternary matrices are
+    quantized with the model's own rule (model.quantize) and packed with `scheme` ("2bit" or
+    "base3"); every other tensor is stored as float (embed.w as float16 if embed_fp16: half the
+    file, a rounding of the embedding, so logits change slightly). ema=True packs a checkpoint's
+    EMA-averaged weights instead of the trained ones.
+    """
+    source_path = None
+    if isinstance(source, Model):
+        if ema:
+            raise ValueError("ema=True needs a checkpoint path (the EMA weights are in the checkpoint)")
+        model = source
+    else:
+        source_path = resolve(os.fspath(source))
+        model = _load_full(source_path, ema=ema)
+    if not model.cfg.ternary:
+        raise ValueError("this model has a float core (trained with --no-ternary): there are no ternary weights "
+                         "to pack; sample.py and evaluate read its checkpoint as it is")
+    w = weights_from_model(model)
+    w.path = source_path
+    rep = save_packed(w, path, scheme, embed_fp16)
+    rep["source_checkpoint"] = source_path
+    rep["source_bytes"] = os.path.getsize(source_path) if source_path else None
+    return rep
+
+
+def save_packed(w, path, scheme="2bit", embed_fp16=False):
+    """Write InferenceWeights `w` as a packed checkpoint, atomically; -> the size report.
+    The ternary weights are packed exactly as they are in w.ternary (int8 -1/0/+1)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown packing scheme {scheme!r}; expected one of {SCHEMES}")
+    arrays, tern_meta = {}, {}
+    for k, v in w.params.items():
+        arrays[f"param/{k}"] = v.astype(np.float16) if (k == "embed.w" and embed_fp16) else v
+    n_weights = n_bytes = 0
+    for name, (wt, s) in w.ternary.items():
+        packed, shape = pack(wt, scheme)                      # ValueError if not -1/0/+1
+        arrays[f"ternary/{name}"] = packed
+        tern_meta[name] = {"shape": list(shape), "scale": float(s),
+                           "bits_per_weight": bits_per_weight(packed, shape)}
+        n_weights += wt.size
+        n_bytes += packed.nbytes
+    if w.class_map is not None:
+        for k, v in w.class_map.state().items():
+            arrays[f"cmap/{k}"] = np.asarray(v)
+    meta = {
+        "format": PACKED_FORMAT,
+        "kind": "packed",
+        "scheme": scheme,
+        "config": w.cfg.to_dict(),
+        "dtype": str(w.dtype),
+        "embed_dtype": "float16" if embed_fp16 else str(w.dtype),
+        "ternary": tern_meta,
+        "source": {"path": w.path, **{k: w.meta[k] for k in ("step", "tokens", "val_loss", "ema")
+                                      if k in w.meta}},
+    }
+    arrays["meta"] = np.frombuffer(dumps(meta).encode(), dtype=np.uint8)     # plain JSON: NaN is null
+    check_replaceable(path, "packed")           # never over a training checkpoint, a folder, another file
+    with atomic_open(path) as f:                 # atomic, as checkpoint.save_checkpoint
+        np.savez(f, **arrays)
+    float_bytes = sum(v.nbytes for v in w.params.values()) + n_weights * w.dtype.itemsize
+    return {
+        "path": path,
+        "scheme": scheme,
+        "bytes": os.path.getsize(path),
+        "float_weights_bytes": float_bytes,        # every parameter as float: a params-only checkpoint
+        "ternary_weights": n_weights,
+        "ternary_bytes": n_bytes,
+        "ternary_float_bytes": n_weights * w.dtype.itemsize,
+        "bits_per_ternary_weight": 8.0 * n_bytes / n_weights,
+        "embed_dtype": meta["embed_dtype"],
+    }
+
+
+def load_packed(path, dtype=None):
+    """InferenceWeights from a packed checkpoint (export_packed's), validated; CheckpointError if not."""
+    arrays, meta = read_npz(path)
+    if meta.get("format") != PACKED_FORMAT or meta.get("kind") != "packed":
+        raise CheckpointError(f"{path}: not a packed generation checkpoint (format {meta.get('format')!r})")
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+        scheme = meta["scheme"]
+        tern_meta = meta["ternary"]
+        saved_dtype = np.dtype(meta["dtype"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its metadata is missing or invalid ({e})") from None
+    dtype = np.dtype(dtype) if dtype is not None else saved_dtype
+    groups = {"param": {}, "ternary": {}, "cmap": {}}
+    for k, v in arrays.items():
+        prefix, _, name = k.partition("/")
+        if prefix not in groups:
+            raise CheckpointError(f"{path}: unexpected entry {k!r}")
+        groups[prefix][name] = v
+    shapes = param_shapes(cfg)
+    float_shapes = {k: s for k, s in shapes.items() if k not in TERNARY}
+    check_params(groups["param"], float_shapes, path, floats=(np.float16, np.float32, np.float64))
+    if sorted(groups["ternary"]) != sorted(TERNARY) or sorted(tern_meta) != sorted(TERNARY):
+        raise CheckpointError(f"{path}: expected packed tensors {list(TERNARY)}, found {sorted(groups['ternary'])}")
+    ternary = {}
+    for name in TERNARY:
+        shape = tuple(tern_meta[name]["shape"])
+        if shape != tuple(shapes[name]):
+            raise CheckpointError(f"{path}: {name} has shape {shape}, the configuration needs {shapes[name]}")
+        try:
+            wt = unpack(groups["ternary"][name], shape, scheme)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {name} cannot be unpacked ({e})") from None
+        ternary[name] = (wt, float(tern_meta[name]["scale"]))
+    params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in groups["param"].items()}
+    class_map = None
+    if cfg.head == "hier":
+        class_map = class_map_from_state(groups["cmap"], cfg, path)
+    return InferenceWeights(cfg, params, ternary, class_map, meta, "packed", path)
+
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.dirfs import DirFileSystem
 
-from nanoternary import data as D
+from nanoternary import data  # noqa: F401
+from nanoternary import sources as S
+from nanoternary import tokens as D
 from nanoternary.data import DataError, get_batch, prepare, val_windows
 from nanoternary.fileio import HOST, atomic_open, remove_stale_temps, temp_path
 from nanoternary.tokenizer import EOT, get_encoding
@@ -352,7 +354,7 @@ def test_remove_stale_temps_only_of_dead_writers(tmp_path):
 
 KILLED_WRITER = """
 import sys, time
-from nanoternary import data as D
+from nanoternary import tokens as D
 real, calls = D.encode_batch, []
 def stall(enc, texts, pool):                     # the third batch never comes: we are killed first
     calls.append(1)
@@ -566,7 +568,7 @@ def test_val_windows_fixed_and_non_overlapping():
 def hub(tmp_path):
     """A fake FineWeb-Edu: shard 000 with 10 row groups of 10 documents, shard 001 with 3."""
     root = tmp_path / "hub"
-    folder = root / D.HUB_DATASET / "sample" / "10BT"
+    folder = root / S.HUB_DATASET / "sample" / "10BT"
     folder.mkdir(parents=True)
     docs = make_docs(130, seed=5)
     write_parquet(folder / "000_00000.parquet", docs[:100], row_group_size=10,
@@ -602,8 +604,8 @@ def test_hub_reads_only_the_row_groups_it_needs(hub, cache, monkeypatch):
     monkeypatch.setattr(fs, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
     d = prepare(cache_dir=cache, verbose=False, max_tokens=n_tokens(docs[:115]) + 115, hub_fs=fs)
     assert d.meta["documents"] == 115 and d.meta["row_groups_downloaded"] == 12 - 3
-    assert opened == [f"{D.HUB_DATASET}/sample/10BT/000_00000.parquet",
-                      f"{D.HUB_DATASET}/sample/10BT/001_00000.parquet"]
+    assert opened == [f"{S.HUB_DATASET}/sample/10BT/000_00000.parquet",
+                      f"{S.HUB_DATASET}/sample/10BT/001_00000.parquet"]
 
     # all of it: stops after the last shard (002 does not exist)
     d = prepare(cache_dir=cache, verbose=False, max_tokens=10**9, hub_fs=fs)
@@ -654,7 +656,7 @@ def test_offline_falls_back_to_python_docs(tmp_path, cache, monkeypatch, capsys,
         class SlowHub:
             def open(self, path, mode="rb", **kwargs):
                 time.sleep(60)                  # a hub that hangs: we must give up long before
-        monkeypatch.setattr(D, "HUB_TIMEOUT", 0.2)
+        monkeypatch.setattr(S, "HUB_TIMEOUT", 0.2)
         fs = SlowHub()
     start = time.time()
     d = prepare(cache_dir=cache, verbose=False, hub_fs=fs)

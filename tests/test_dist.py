@@ -85,7 +85,7 @@ def train(tmp_path, corpus, out, extra, n=None):
 
 @needs_mpi
 def test_accumulated_micro_batches_on_two_processes_equal_one_process(tmp_path):
-    """--grad-accum 2: the earlier micro-batch's dE joins the last one's before it goes on the wire."""
+    """--grad-accum 2: each micro-batch summed over the processes, with its dE during its backward."""
     from test_train import write_corpus
     from nanoternary.model import Model
     corpus = write_corpus(str(tmp_path))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from nanoternary.checkpoint import CheckpointError, save_checkpoint
-from nanoternary.generate import (Generator, bench, export_packed, load_packed, load_weights, main, save_packed,
-                                  weights_from_model)
+from nanoternary.generate import Generator, bench, main
+from nanoternary.pack import export_packed, load_packed, load_weights, save_packed, weights_from_model
 from nanoternary.model import TERNARY, Model, ModelConfig, quantize
 from nanoternary.ops.ternary import addsub_plan, ternary_linear_forward
 
@@ -76,7 +76,7 @@ def test_incremental_equals_full_forward_logits_and_scale():
     """Raw logits (not only log-probs) and BitNet's per-tensor scale s != 1."""
     m = small_model(ternary_scale=True, n_recursions=3, dilations=(2, 5))
     ids = np.random.default_rng(2).integers(0, 97, m.cfg.receptive_field + 15)
-    h, _ = m.body_forward(ids[None])
+    h = m.hidden(ids[None])
     want = h @ m.params["embed.w"].T
     for kernel in ("addsub", "blas"):
         gen = Generator(m, kernel=kernel)
@@ -107,15 +107,16 @@ def test_float_model_runs_with_blas():
 
 
 def test_state_does_not_grow():
-    """Constant cost per token: the only state is one ring of (K-1)*D rows per conv, whatever t is."""
+    """Constant cost per token: the only state is one ring of (K-1)*D rows per conv (and the row of
+    the new input), whatever t is."""
     m = small_model()
     gen = Generator(m)
     gen.prefill([1, 2, 3])
-    sizes = [[c.ring.shape for c in rings] for rings in gen.rings]
-    assert sizes == [[(3 * D, 16) for D in (1, 4, 16)]] * 2         # ((K-1)*D, C) per layer and application
+    sizes = [[c.buf.shape for c in rings] for rings in gen.rings]
+    assert sizes == [[(4, 3 * D + 1, 4) for D in (1, 4, 16)]] * 2    # (G, (K-1)*D + 1, C/G) per layer and application
     for t in range(200):
         gen.step(t % 97)
-    assert [[c.ring.shape for c in rings] for rings in gen.rings] == sizes
+    assert [[c.buf.shape for c in rings] for rings in gen.rings] == sizes
     assert gen.pos == 203
 
 

@@ -25,7 +25,9 @@ from fsspec.implementations.dirfs import DirFileSystem
 from huggingface_hub import HfFileSystem
 
 from hubserver import COMMIT, FakeHub, use_endpoint
-from nanoternary import data as D
+from nanoternary import data  # noqa: F401
+from nanoternary import sources as S
+from nanoternary import tokens as D
 from nanoternary import gpt2_embed as G
 from test_data import make_docs, n_tokens, read_docs
 from test_gpt2_embed import write_safetensors
@@ -125,7 +127,7 @@ def reference_tokens(fineweb, tmp_path, **kw):
     """The same prepare through a local fsspec filesystem holding the same files: the tokens to expect."""
     root = tmp_path / "local-hub"
     for path, raw in fineweb[0].items():
-        dest = root / D.HUB_DATASET / path
+        dest = root / S.HUB_DATASET / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(raw)
     fs = DirFileSystem(path=str(root), fs=fsspec.filesystem("file"))
@@ -215,7 +217,7 @@ def test_fineweb_fetches_only_the_bytes_it_needs(hub, fineweb, tmp_path, monkeyp
     # what the bound above catches: fsspec's default read-ahead fetches the rest of the file
     new_run()
     hub.reset_counts()
-    with HfFileSystem().open(f"{D.HUB_DATASET}/{SHARD.format(0)}", "rb") as f:
+    with HfFileSystem().open(f"{S.HUB_DATASET}/{SHARD.format(0)}", "rb") as f:
         pq.ParquetFile(f).read_row_group(0, columns=["text"])
     assert hub.sent > text_bytes_needed(raw, [0]) + FOOTER_READ + 100_000
 
@@ -257,7 +259,7 @@ def test_fineweb_hub_failing_at_the_start(hub, fineweb, tmp_path, monkeypatch, s
     if fault == "500":
         hub.fail("500", r"^GET /api/")
     else:
-        monkeypatch.setattr(D, "HUB_TIMEOUT", 0.5)
+        monkeypatch.setattr(S, "HUB_TIMEOUT", 0.5)
         hub.fail("hang", r"^GET /api/datasets/.*/tree/")          # the shard folder's listing
     d = D.prepare(cache_dir=cache, verbose=False, max_tokens=3000)
     notice = one_notice(capsys.readouterr().err, "cannot be reached")

@@ -48,6 +48,8 @@ def test_two_processes_train_the_same_model_as_one(corpus, tmp_path, dtype, rtol
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 processes x 1 thread(s)" in two.stdout and "rank 1 pid" in two.stdout
+    report = open(tmp_path / "two" / "report.md").read()             # written by rank 0, once
+    assert "**Finished (5 steps)**" in report and "(2 process(es) x 1 thread(s))" in report
     l1, l2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4, 5]
     for a, b in zip(l1, l2):
@@ -148,7 +150,7 @@ def test_ctrl_c_under_mpiexec_saves_and_stops(corpus, tmp_path):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)                       # mpiexec passes it on to every process
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-2000:]
+    assert p.returncode == 130, out[-2000:]                 # the shell's status for SIGINT
     assert "stopped by SIGINT" in out
     m = Model.load(str(tmp_path / "c"))
     assert m.meta["step"] >= 3 and m.meta["step"] == read_log(tmp_path / "c")[-1]["step"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from nanoternary.checkpoint import save_checkpoint
-from nanoternary.generate import export_packed
+from nanoternary.pack import export_packed
 from nanoternary.model import Model, ModelConfig
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample.py")

@@ -13,8 +13,8 @@ the order of floating-point sums.
     comm = world()              # Single() without mpiexec: nothing imported, nothing changes
     comm.rank, comm.size
     comm.watch(timeout)         # from now on a lost rank ends the job within `timeout` seconds
-    dp = DataParallel(comm, wire="full")
-    loss, grads = dp.loss_and_grads(model, [(x, y, rows)])   # the global batch's; the same everywhere
+    loss, grads = comm.sum_grads(loss, grads, wire)   # the sums over the ranks (fast/step.py)
+    comm.send_early(dE, wire)   # dE's sum starts now, in a thread; sum_grads(..., rows) waits for it
     comm.bcast(value)           # rank 0's value on every rank (the run's control: clock, Ctrl-C)
     comm.allreduce_(buf)        # buf := its sum over the ranks, in place
     comm.fail(message)          # a failing rank stops the whole job instead of leaving it hanging
@@ -48,8 +48,6 @@ import time
 
 import numpy as np
 
-from ..optim import accumulate
-from . import step
 from .profile import section
 from .watchdog import Watchdog
 
@@ -77,6 +75,9 @@ class Single:
     def allreduce_(self, buf):
         return buf
 
+    def sum_grads(self, loss, grads, wire="full", rows=None):
+        return loss, grads
+
     def barrier(self):
         pass
 
@@ -96,8 +97,8 @@ class MPIWorld:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()   # ranks on this machine
         self.hosts = self.comm.allgather((socket.gethostname(), os.getpid()))
-        self.background = self.comm.Dup()         # for the reduction that runs in a thread
-        self.watchdog = None
+        self.background = self.comm.Dup()         # for the sum that runs in a thread (send_early)
+        self.watchdog, self._grads, self.pending, self.timing = None, None, None, {}
 
     def bcast(self, value):
         return self.comm.bcast(value, root=0)
@@ -106,6 +107,32 @@ class MPIWorld:
         """buf (contiguous float array) := its sum over all ranks, in place."""
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
+
+    def send_early(self, dE, wire="full"):
+        """Start summing dE (the head's part of the embedding's gradient) over the ranks, in a thread,
+        while the caller goes on with the backward; sum_grads(..., rows) waits for it."""
+        self.pending, self.t_early = Pending(self, dE, wire), time.perf_counter()
+
+    def sum_grads(self, loss, grads, wire="full", rows=None):
+        """(the loss, the gradients) summed over the ranks: one sum of one buffer (GradBuffer, kept
+        from step to step); the gradients come back as views of the buffer. After send_early(dE),
+        grads["embed.w"] holds the lookup's gradient in the embedding's rows `rows` only: it is
+        summed with the rest and added to dE's sum, which becomes grads["embed.w"]. self.timing:
+        the backward that ran beside dE's sum (overlap_s), the wait here (wait_s, dE_wait_s)."""
+        t0, pending, self.pending = time.perf_counter(), self.pending, None
+        with section("allreduce"):
+            dE = pending.wait() if pending is not None else None
+            t1 = time.perf_counter()
+            if self._grads is None or not self._grads.fits(grads) or self._grads.wire != wire:
+                self._grads = GradBuffer(grads, wire=wire)
+            grads, (loss,) = self._grads.allreduce(self, grads, [loss])
+        self.timing = {"overlap_s": t0 - self.t_early if dE is not None else 0.0,
+                       "wait_s": time.perf_counter() - t0, "dE_wait_s": t1 - t0}
+        if dE is not None:
+            grads = dict(grads)
+            dE[rows] += grads["embed.w"]                # distinct rows: no np.add.at needed
+            grads["embed.w"] = dE
+        return float(loss), grads
 
     def barrier(self):
         self.comm.Barrier()
@@ -219,8 +246,10 @@ def ring_allreduce_(world, comm, x):
 
 
 def allreduce_(world, x, wire="full", comm=None):
-    """x := its sum over the ranks, in place: MPI's Allreduce for the full wire, the 16-bit ring
+    """x := its sum over the ranks, in place: MPI's Allreduce for the full wire, the bfloat16 ring
     otherwise. Waits by polling (MPIWorld.wait), so that it can run in a thread beside compute."""
+    if wire not in WIRES:
+        raise ValueError(f"wire {wire!r}: one of {', '.join(WIRES)}")
     comm = comm or world.comm
     if wire == "full":
         world.wait([comm.Iallreduce(world.MPI.IN_PLACE, x, op=world.MPI.SUM)])
@@ -283,74 +312,6 @@ class GradBuffer:
         out = {k: self.buf[a:b].reshape(self.shapes[k]) for k, a, b in zip(self.names, self.offsets[:-1],
                                                                            self.offsets[1:])}
         return out, sums
-
-
-# ------------------------------------------------------------------------------------ the step
-
-
-class DataParallel:
-    """The training step of a global batch on every rank: each rank runs fast/step.py on its rows,
-    and the loss and the gradients are summed over the ranks, so every rank ends with the loss and
-    gradient of the whole batch (and applies the same update). With one process, just the step.
-
-    wire: "full" (the gradients' own dtype) or "bfloat16" (2 bytes a number, sums in float32:
-    ring_allreduce_). overlap: send the head's part of the embedding's gradient while the body's
-    backward runs (module docstring)."""
-
-    def __init__(self, comm, wire="full", overlap=True):
-        if wire not in WIRES:
-            raise ValueError(f"wire {wire!r}: one of {', '.join(WIRES)}")
-        self.comm, self.wire, self.overlap = comm, wire, overlap
-        self.bucket, self.timing = None, {}
-
-    def loss_and_grads(self, model, batches, *, label_smoothing=0.0, z_loss=0.0, train_embed=True, workers=None):
-        """batches: the global micro-batches [(x, y, rows)], the same on every rank (x, y (B,T);
-        rows: the counted positions of the whole micro-batch, or None for all) -> (loss, grads):
-        the mean over the micro-batches of the loss of the whole batch and its gradient.
-        self.timing afterwards: the seconds the backward overlapped the head's dE on the wire
-        (overlap_s) and the seconds spent waiting for the sums after the backward (wait_s)."""
-        comm, k = self.comm, len(batches)
-        loss, grads, pending, t_head = 0.0, {}, None, None
-        for i, (x, y, rows) in enumerate(batches):
-            B, T = np.shape(y)
-            b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size    # this rank's sequences
-            mine = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
-            denom = B * T if rows is None else rows.size
-            early = comm.size > 1 and self.overlap and train_embed and i == k - 1
-
-            def head_done(grads_head):            # the last micro-batch's head is done: dE goes out now
-                nonlocal pending, t_head
-                if k > 1:                          # with the earlier micro-batches' dE, as accumulate() adds them
-                    grads_head["embed.w"] = grads.pop("embed.w") + (1.0 / k) * grads_head["embed.w"]
-                pending, t_head = Pending(comm, grads_head["embed.w"], self.wire), time.perf_counter()
-            out = step.part_loss_and_grads(model, x[b0:b1], y[b0:b1], mine, denom, label_smoothing=label_smoothing,
-                                           z_loss=z_loss, train_embed=train_embed, workers=workers,
-                                           head_done=head_done if early else None)
-            l, g = out[:2]
-            if early:                              # the lookup's part: rows of the global batch's tokens
-                g.pop("embed.w")                   # (on the wire)
-                tokens = np.unique(x)
-                g["embed.lookup"] = np.zeros((tokens.size, out[2].shape[-1]), dtype=out[2].dtype)
-                with section("embedding"):
-                    step.embedding_backward_sorted(out[2], np.searchsorted(tokens, x[b0:b1]), g["embed.lookup"])
-            loss += l / k
-            grads = g if k == 1 else accumulate(grads, g, 1.0 / k)
-        if comm.size == 1:
-            return loss, grads
-        t0 = time.perf_counter()
-        with section("allreduce"):
-            dE = pending.wait() if pending is not None else None
-            t1 = time.perf_counter()
-            if self.bucket is None or not self.bucket.fits(grads):
-                self.bucket = GradBuffer(grads, wire=self.wire)
-            grads, (loss,) = self.bucket.allreduce(comm, grads, [loss])
-        self.timing = {"overlap_s": 0.0 if t_head is None else t0 - t_head, "wait_s": time.perf_counter() - t0,
-                       "dE_wait_s": t1 - t0}
-        if dE is not None:
-            grads = dict(grads)
-            dE[tokens] += grads.pop("embed.lookup")     # distinct tokens: one row each, no np.add.at needed
-            grads["embed.w"] = dE
-        return float(loss), grads
 
 
 # ------------------------------------------------------------------------------------ the run's helpers

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from ..optim import EMA, AdamW, NorMuon
+from .profile import section
 from .threads import default_workers, parallel_ranges, run_shards
 
 CHUNK = 32768  # elements per piece (128 KB of float32, fits in L2)
@@ -38,6 +39,10 @@ def _flat(a):
 
 
 class FastAdamW(AdamW):
+    def step(self, params, grads, lr=None):
+        with section("optimizer"):
+            super().step(params, grads, lr)
+
     def update(self, p, g, m, v, lr, t, decay):
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
@@ -67,6 +72,10 @@ class FastAdamW(AdamW):
 
 
 class FastEMA(EMA):
+    def update(self, params):
+        with section("optimizer"):
+            super().update(params)
+
     def update_one(self, s, p, d):
         S, P = _flat(s), np.ravel(p)
 
@@ -96,4 +105,5 @@ class FastNorMuon(NorMuon):
             for k in group:
                 self.t[k] += 1
                 self.update(params[k], grads[k], self.m[k], self.v[k], lr)
-        run_shards(update, [(g,) for g in groups if g])
+        with section("optimizer"):
+            run_shards(update, [(g,) for g in groups if g])

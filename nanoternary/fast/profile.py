@@ -4,6 +4,8 @@
     with profile.attached():                # time the model's op calls (and the fast layer's sections)
         ...run steps...
     profile.shares()                        # name -> fraction of the time
+    with profile.attached(), profile.paused():   # or only some blocks:
+        with profile.recording(): ...
 
 The model and the ops know nothing of this: `attached()` replaces the functions model.py calls
 (RMSNorm, the ConvMixer, the GLU, the embedding, the quantizer) by timed wrappers for the duration
@@ -40,6 +42,18 @@ def enable(on=True):
 
 def enabled():
     return _enabled
+
+
+@contextlib.contextmanager
+def recording():
+    """Time the block (within `attached()`, whose timing can be off between such blocks): train.py
+    times its training steps only, not the evaluations and saves between them."""
+    global _enabled
+    was, _enabled = _enabled, True
+    try:
+        yield
+    finally:
+        _enabled = was
 
 
 @contextlib.contextmanager

@@ -3,21 +3,28 @@
     from nanoternary.fast import step
     loss, grads = step.loss_and_grads(model, idx, targets, loss_frac=0.25)   # as model.loss_and_grads
     nll = step.nll(model, idx, targets)                                     # as model.nll
+    step.loss_and_grads(model, idx, targets, comm=dist.world())             # under mpiexec: several processes
 
 The model's own `forward` / `backward` run straight through in one thread. Here the same functions
-(model.body_forward, model.body_backward) run in three parallel phases, one thread per core
-(threads.py), with a head that never holds the (N, V) logits:
+(the embedding lookup, model.body_forward, model.body_backward) run in three parallel phases, one
+thread per core (threads.py), with a head that never holds the (N, V) logits:
 
-    1. body_forward of each shard of the batch (a shard = B / cores sequences)
+    1. the lookup and body_forward of each shard of the batch (a shard = B / cores sequences)
     2. the head over all N rows: the full head split by rows (fast/head.py, chunked, shift-free
        softmax), the hierarchical head split by classes (fast/hier_head.py)
     3. body_backward of each shard; the shards' weight gradients add up (data parallelism), and the
        embedding's backward runs once over the whole batch, into the head's dE (the tied sum)
 
+With `comm` (dist.py) of several processes, each takes its own sequences of the batch, and the
+processes' losses and gradients are summed: the same numbers again, on several machines. The head's
+dE (95% of the numbers) is final first, so it goes on the wire while step 3 runs; the lookup's
+gradient, final last, goes with the core's as the rows of the batch's distinct tokens.
 tests/test_fast.py proves it equal to the plain step, for both heads and every training option.
 """
 import numpy as np
 
+from .. import model as M
+from ..ops.embedding import embedding_forward
 from .head import DEFAULT_CHUNK, max_row_norm, nll_fused, softmax_ce_fused
 from .hier_head import hier_ce_fused
 from .profile import section
@@ -25,13 +32,31 @@ from .threads import add_into, default_workers, run_shards, split
 
 
 def loss_and_grads(model, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss_frac=1.0, rng=None,
-                   train_embed=True, workers=None, chunk=DEFAULT_CHUNK):
-    """model.loss_and_grads(idx, targets, ...) on `workers` cores (default: threads.default_workers).
-    train_embed=False also skips the head's third GEMM (dE)."""
-    rows = model.counted_rows(np.size(targets), loss_frac, rng)
-    return part_loss_and_grads(model, idx, targets, rows, None if rows is None else rows.size,
-                               label_smoothing=label_smoothing, z_loss=z_loss, train_embed=train_embed,
-                               workers=workers, chunk=chunk)
+                   train_embed=True, workers=None, chunk=DEFAULT_CHUNK, comm=None, wire="full", overlap=True):
+    """model.loss_and_grads(idx, targets, ...) on `workers` cores (default: threads.default_workers),
+    and with `comm` (dist.world()) on every process of the job, the gradients crossing between them
+    as `wire` says (dist.py). train_embed=False also skips the head's third GEMM (dE). overlap: the
+    head's dE goes on the wire as soon as it is final, while the rest of the backward runs (False:
+    everything after the backward, as before; for benchmarks)."""
+    idx, targets = np.asarray(idx), np.asarray(targets)
+    rows = model.counted_rows(targets.size, loss_frac, rng)          # of the whole batch
+    opts = dict(label_smoothing=label_smoothing, z_loss=z_loss, train_embed=train_embed, workers=workers,
+                chunk=chunk)
+    if comm is None or comm.size == 1:
+        return part_loss_and_grads(model, idx, targets, rows, None, **opts)
+    B, T = targets.shape                                             # this process's sequences b0 .. b1-1
+    b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size
+    mine = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
+    denom = targets.size if rows is None else rows.size
+    if not (train_embed and overlap):
+        loss, grads = part_loss_and_grads(model, idx[b0:b1], targets[b0:b1], mine, denom, **opts)
+        return comm.sum_grads(loss, grads, wire)                     # one Allreduce
+    loss, grads, dx = part_loss_and_grads(model, idx[b0:b1], targets[b0:b1], mine, denom, **opts,
+                                          head_done=lambda g: comm.send_early(g["embed.w"], wire))
+    tokens = np.unique(idx)                   # the lookup's gradient: the rows of the whole batch's tokens
+    grads["embed.w"] = embedding_backward_sorted(dx, np.searchsorted(tokens, idx[b0:b1]),
+                                                 np.zeros((tokens.size, dx.shape[-1]), dx.dtype))
+    return comm.sum_grads(loss, grads, wire, tokens)                 # the rest, and dE's rows added
 
 
 def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0, z_loss=0.0, train_embed=True,
@@ -42,11 +67,18 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
     head_done(grads_head), if given, is called as soon as the head's gradients are final (dist.py
     sends the head's dE while the backward goes on); the embedding's lookup gradient is then left
     to the caller: -> (loss, grads, dx), dx (B,T,C) the gradient at the lookup's output."""
-    idx, targets = np.asarray(idx), np.asarray(targets)          # ids checked by body_forward
+    idx, targets = model.check_ids(idx), np.asarray(targets)
     B, T = targets.shape
     shards = split(B, workers or default_workers())
+    p, cfg = model.params, model.cfg
+    q = M.quantize(p, cfg)                                               # once for every shard
+
     # 1. forward, one shard of the batch per core
-    fwd = run_shards(lambda b0, b1: model.body_forward(idx[b0:b1]), shards)
+    def forward(b0, b1):
+        with section("embedding"):
+            x, _ = embedding_forward(idx[b0:b1], p["embed.w"])
+        return M.body_forward(x, p, q, cfg)
+    fwd = run_shards(forward, shards)
     h = np.concatenate([h_s for h_s, _ in fwd])                          # (N, C)
     # 2. the head over all N rows: the loss, dh, and the gradients of the head's weights
     loss, dh, grads_head = _head(model, h, targets.reshape(-1), rows, denom, label_smoothing, z_loss,
@@ -56,16 +88,16 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
 
     # 3. backward, one shard per core
     def backward(i, b0, b1):
-        return model.body_backward(dh[b0 * T:b1 * T], fwd[i][1])
+        return M.body_backward(dh[b0 * T:b1 * T], fwd[i][1], p, cfg)
     results = run_shards(backward, [(i, b0, b1) for i, (b0, b1) in enumerate(shards)])
-    grads = results[0][0]
+    grads = results[0][1]
     with section("shard sum"):
-        for grads_s, _ in results[1:]:                  # data parallel: sum the shards
+        for _, grads_s in results[1:]:                  # data parallel: sum the shards
             for k in grads:
                 grads[k] += grads_s[k]
     grads.update(grads_head)
     if train_embed:                                     # tied: the head's dE plus the lookup's
-        dx = np.concatenate([dx_s for _, dx_s in results])
+        dx = np.concatenate([dx_s for dx_s, _ in results])
         if head_done is not None:
             return float(loss), grads, dx
         with section("embedding"):
@@ -127,7 +159,7 @@ def nll(model, idx, targets, workers=None, chunk=DEFAULT_CHUNK):
     def shard(b0, b1):
         if model.cfg.head == "hier":
             return model.nll(idx[b0:b1], targets[b0:b1])
-        h, _ = model.body_forward(idx[b0:b1])
+        h = model.hidden(idx[b0:b1])
         return nll_fused(h, model.params["embed.w"], targets[b0:b1].reshape(-1), chunk).reshape(b1 - b0, -1)
     return np.concatenate(run_shards(shard, split(targets.shape[0], workers or default_workers())))
 

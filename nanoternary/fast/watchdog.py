@@ -170,5 +170,6 @@ class Watchdog:
             print(f"rank {me} on {my_host}: lost rank {p} on {host} (pid {pid}): {why}; stopping the job "
                   f"(what was saved is intact: continue with --resume, with any number of processes)",
                   file=sys.stderr, flush=True)
+            time.sleep(0.5)             # the line travels through mpiexec's proxy: an abort would overtake it
         threading.Timer(5.0, os._exit, (code,)).start()    # in case MPI_Abort cannot end this process
         self.world.comm.Abort(code)     # not just exit: mpiexec waits for a lost host's processes, not after an abort

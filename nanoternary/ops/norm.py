@@ -12,7 +12,7 @@ def rmsnorm_forward(x, g, eps=EPS):
     # x (..., C), g (C,) -> y (..., C)
     """y = x * r * g with r = 1/sqrt(mean(x^2) + eps). Caches (x*r, r, g)."""
     C = x.shape[-1]
-    ms = np.einsum("...c,...c->...", x, x)[..., None] / C               # mean(x^2), no x*x temporary
+    ms = np.vecdot(x, x)[..., None] / C                                  # mean(x^2), no x*x temporary
     r = 1.0 / np.sqrt(ms + eps)                                          # (..., 1)
     xhat = x * r
     y = xhat * g
@@ -32,7 +32,7 @@ def rmsnorm_backward(dy, cache):
     C = xhat.shape[-1]
     dg = np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))  # sum over rows of dy * xhat
     dxhat = dy * g
-    mean_dot = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C
+    mean_dot = np.vecdot(dxhat, xhat)[..., None] / C
     dx = xhat * mean_dot                                                 # term 2 ...
     np.subtract(dxhat, dx, out=dx)                                       # ... + term 1
     dx *= r

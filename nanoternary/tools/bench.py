@@ -39,6 +39,7 @@ from ..fast import profile
 from ..fast import step as fast
 from ..fast.optim import FastAdamW
 from ..fast.threads import default_workers, run_shards, set_threads, split
+from ..config import OneLineParser, number
 from ..model import Model, ModelConfig
 
 CONFIGS = {
@@ -189,20 +190,20 @@ def _subprocess_json(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = OneLineParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head", choices=["full", "hier"], help="one configuration only (default: all)")
-    ap.add_argument("--loss-frac", type=float, default=1.0, help="fraction of positions in the loss (default 1.0)")
+    ap.add_argument("--loss-frac", type=number(float, "(0, 1]"), default=1.0, help="fraction of positions in the loss (default 1.0)")
     ap.add_argument("--freeze-embed", action="store_true", help="no embedding gradient (default: trained)")
-    ap.add_argument("--batch-size", type=int, default=8, help="default 8")
-    ap.add_argument("--seq-len", type=int, default=256, help="default 256")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (default 5)")
-    ap.add_argument("--threads", type=int, default=None, help="batch shards (default: one per core)")
+    ap.add_argument("--batch-size", type=number(int, "[1, inf)"), default=8, help="default 8")
+    ap.add_argument("--seq-len", type=number(int, "[1, inf)"), default=256, help="default 256")
+    ap.add_argument("--steps", type=number(int, "[1, inf)"), default=5, help="timed steps after 2 warm-up steps (default 5)")
+    ap.add_argument("--threads", type=number(int, "[1, inf)"), default=None, help="batch shards (default: one per core)")
     ap.add_argument("--gemm-bound", action="store_true", help="only the full head against its 3 GEMMs")
     ap.add_argument("--peer", nargs="?", const=sys.executable, metavar="PYTHON",
                     help="also run the PyTorch peer (tools/torch_peer.py), with this python or, without "
                          "PYTHON, this one (pip install -e \".[peer]\")")
-    ap.add_argument("--rounds", type=int, default=3, help="peer and ours in turn, this many times (default 3)")
+    ap.add_argument("--rounds", type=number(int, "[1, inf)"), default=3, help="peer and ours in turn, this many times (default 3)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
     if a.peer:

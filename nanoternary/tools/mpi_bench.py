@@ -6,8 +6,8 @@ link; then, from those figures, where adding machines stops paying on a 1 or 10 
     python -m nanoternary.tools.mpi_bench --processes 1,2,4 --json
     python -m nanoternary.tools.mpi_bench --two-hosts         # as root: two namespaces, 10 and 1 Gbit/s
 
-The step is train.py's (fast/dist.py's DataParallel): each process takes its part of the global batch
-(8 x 256 by default, random token ids with GPT-2's rough frequencies), fast/step.py's forward and
+The step is train.py's (fast/step.py's loss_and_grads with comm): each process takes its part of the
+global batch (8 x 256 by default, random token ids with GPT-2's rough frequencies), the forward and
 backward with the full head on 25% of the positions (train.py's default), the gradients summed over
 the processes, then the AdamW update of every parameter. With the tied embedding trained (13.6M
 floats, 54 MB to sum) and frozen (its gradient is not computed, 0.7M floats).
@@ -16,8 +16,8 @@ floats, 54 MB to sum) and frozen (its gradient is not computed, 0.7M floats).
 to TCP), shapes the link with tc to each --rates, and runs, side by side in one sitting: each host
 alone (one process of one thread, its half of the batch: the compute a machine brings), the two
 hosts together as train.py ran before the overlap (--grad-wire full, the whole sum after the
-backward), and with the head's dE summed during the backward, for each wire (--configs). It prints tokens/s
-and the time the step waits for the sum next to the estimate below for P=2, and the bytes the veth
+backward), and with the head's dE summed during the backward, for each wire (--configs). It prints
+tokens/s and the time the step waits for the sum next to the estimate below for P=2, and the bytes the veth
 carried per step (proof that the traffic crossed it).
 
 The estimate (docs/mpi.md compares it with the measurements): with P processes on P machines, each
@@ -39,7 +39,8 @@ import time
 
 import numpy as np
 
-from ..fast.dist import WIRES, DataParallel, from_bfloat16, to_bfloat16, world
+from ..fast import step as fast
+from ..fast.dist import WIRES, from_bfloat16, to_bfloat16, world
 from ..fast.optim import FastAdamW
 from ..fast.threads import set_threads
 from ..model import Model, ModelConfig
@@ -67,21 +68,20 @@ def worker(batch_size, seq_len, steps, threads, train_embed, loss_frac=0.25, see
     set_threads(threads)
     model = Model(ModelConfig(), seed=seed)
     opt = FastAdamW(model.params, lr=1e-3)
-    dp = DataParallel(comm, wire, overlap)
     rng = np.random.default_rng(seed)
     B, T = batch_size, seq_len
     times, waits, overlaps = [], [], []
     for i in range(steps + 2):                               # 2 warm-up steps
         idx, tgt = zipf_tokens(rng, (B, T)), zipf_tokens(rng, (B, T))
         t0 = time.perf_counter()
-        rows = model.counted_rows(B * T, loss_frac, rng)
-        loss, grads = dp.loss_and_grads(model, [(idx, tgt, rows)], train_embed=train_embed)
+        loss, grads = fast.loss_and_grads(model, idx, tgt, loss_frac=loss_frac, rng=rng, train_embed=train_embed,
+                                          comm=comm, wire=wire, overlap=overlap)
         opt.step(model.params, grads)
         comm.barrier()                                       # the step ends when every process is done
         if i >= 2:
             times.append(time.perf_counter() - t0)
-            waits.append(dp.timing.get("wait_s", 0.0))
-            overlaps.append(dp.timing.get("overlap_s", 0.0))
+            waits.append(getattr(comm, "timing", {}).get("wait_s", 0.0))
+            overlaps.append(getattr(comm, "timing", {}).get("overlap_s", 0.0))
     n_floats = sum(g.size for g in grads.values())
     step = float(np.median(times))
     convert = convert_cost(n_floats)
@@ -101,40 +101,38 @@ def interleaved(batch_size, seq_len, rounds, configs, loss_frac=0.25, seed=0):
     configuration (a wire, + for the overlap). Turns of a step each, so that a ratio compares steps
     taken seconds apart (the machine is shared). -> {config: [(step s, alone step s just before,
     wait s, overlap s)]}."""
-    from ..fast.dist import Single
     comm = world()
     comm.watch(30)
     set_threads(1)
     model = Model(ModelConfig(), seed=seed)
     opt = FastAdamW(model.params, lr=1e-3)
-    alone, B, T = DataParallel(Single()), batch_size, seq_len
+    B, T = batch_size, seq_len
     b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size
-    dps = {c: DataParallel(comm, c.rstrip("+"), c.endswith("+")) for c in configs}
     rng = np.random.default_rng(seed)
     out = {c: [] for c in configs}
 
-    def one_step(dp, half):
+    def one_step(config):
         idx, tgt = zipf_tokens(rng, (B, T)), zipf_tokens(rng, (B, T))
         t0 = time.perf_counter()
-        rows = model.counted_rows(B * T, loss_frac, rng)
-        if half:      # as a host alone with its sequences (the ranks' weights part ways: no matter for time)
-            mine = rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
-            batch = [(idx[b0:b1], tgt[b0:b1], mine)]
+        comm.timing = {}
+        if config is None:    # a host alone with its sequences (the ranks' weights part ways: no matter for time)
+            _, grads = fast.loss_and_grads(model, idx[b0:b1], tgt[b0:b1], loss_frac=loss_frac, rng=rng)
         else:
-            batch = [(idx, tgt, rows)]
-        _, grads = dp.loss_and_grads(model, batch, train_embed=True)
+            _, grads = fast.loss_and_grads(model, idx, tgt, loss_frac=loss_frac, rng=rng, comm=comm,
+                                           wire=config.rstrip("+"), overlap=config.endswith("+"))
         opt.step(model.params, grads)
         comm.barrier()                                     # the step ends when every process is done
-        return time.perf_counter() - t0, dp.timing.get("wait_s", 0.0), dp.timing.get("overlap_s", 0.0), dp.timing.get("dE_wait_s", 0.0)
+        t = comm.timing
+        return time.perf_counter() - t0, t.get("wait_s", 0.0), t.get("overlap_s", 0.0), t.get("dE_wait_s", 0.0)
 
     for _ in range(2):                                     # warm-up: buffers, thread pools, connections
         for c in configs:
-            one_step(alone, True)
-            one_step(dps[c], False)
+            one_step(None)
+            one_step(c)
     for _ in range(rounds):
         for c in configs:
-            t_alone = one_step(alone, True)[0]
-            t, wait, overlap, dE_wait = one_step(dps[c], False)
+            t_alone = one_step(None)[0]
+            t, wait, overlap, dE_wait = one_step(c)
             out[c].append((t, t_alone, wait, overlap, dE_wait))
     n_floats = sum(v.size for v in model.params.values())
     convert = convert_cost(n_floats)
