@@ -31,6 +31,7 @@ from nanoternary.checkpoint import load_model
 from nanoternary.config import setting
 from nanoternary.data import get_batch, val_windows
 from nanoternary.fast import step as fast
+from nanoternary.fast.dist import WIRES
 from nanoternary.fast.optim import FastAdamW, FastEMA, FastNorMuon
 from nanoternary.gpt2_embed import load_gpt2_embedding
 from nanoternary.model import Model, ModelConfig, head_map
@@ -91,6 +92,11 @@ class TrainConfig:
                          choices=("float32", "float64"))
     plain: bool = setting(False, "train through Model.loss_and_grads and optim.py in one thread: the code "
                           "of the reading path, the same steps as the default, slower")
+    grad_wire: str = setting("full", "under mpiexec, the gradients cross between processes in full (their "
+                             "dtype), or as bfloat16: half the bytes, the sums in float32 (docs/mpi.md)",
+                             choices=WIRES)
+    peer_timeout: float = setting(30.0, "under mpiexec, seconds of silence after which a process counts as "
+                                  "lost and the job stops (0: wait forever)", range="[0, inf)")
 
     def __post_init__(self):
         self.curriculum = tuple(self.curriculum)
@@ -189,7 +195,7 @@ def train(r):
     if cfg.plain:                                 # the code of the reading path, as written
         loss_and_grads, nll = Model.loss_and_grads, Model.nll
     else:                                         # the same, on every core and every process
-        loss_and_grads, nll = functools.partial(fast.loss_and_grads, comm=r.comm), fast.nll
+        loss_and_grads, nll = functools.partial(fast.loss_and_grads, comm=r.comm, wire=cfg.grad_wire), fast.nll
     n_windows = max(1, cfg.eval_tokens // cfg.seq_len)
     val_set = val_windows(data.val, min(cfg.batch_size, n_windows), cfg.seq_len,
                           max(1, n_windows // cfg.batch_size), seed=cfg.seed)

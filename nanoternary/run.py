@@ -56,7 +56,8 @@ from .sources import expand_paths
 
 # may differ on --resume: the run length, the machine, and where the data is (the same bytes are
 # checked by content: caches.same_tokens)
-CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out", "plain", "data", "cache_dir")
+CHANGEABLE = ("max_steps", "max_tokens", "time_budget", "threads", "out", "plain", "data", "cache_dir", "grad_wire",
+              "peer_timeout")
 ONE_LINE = (DataError, CheckpointError, ValueError, OSError)     # errors that say what is wrong and what to do
 
 
@@ -566,6 +567,7 @@ def _main(argv, TrainConfig, ModelConfig, train):
         cfg.threads = max(1, available_cores() // comm.local_size)
     r = None
     try:
+        comm.watch(cfg.peer_timeout)          # from here on, a lost process ends the job (fast/watchdog.py)
         with run_folder(cfg.out, resume is not None, overwrite) if comm.rank == 0 else contextlib.nullcontext():
             comm.barrier()                    # rank 0 holds --out (locked: one run per --out)
             command = " ".join(["python train.py"] + [shlex.quote(a) for a in

@@ -9,5 +9,6 @@
                   (AdamW's as one compiled loop with numba, the optional extra "fast")
     threads.py    the thread pool and the BLAS thread count (threadpoolctl)
     dist.py       data parallelism across processes and machines: MPI (mpiexec -n N python train.py)
+    watchdog.py   a lost process (machine, link) ends the job instead of leaving it waiting forever
     profile.py    where the time goes: timed sections, and the model's functions wrapped from outside
 """

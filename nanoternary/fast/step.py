@@ -16,8 +16,10 @@ thread per core (threads.py), with a head that never holds the (N, V) logits:
     3. body_backward of each shard; the shards' weight gradients add up (data parallelism), and the
        embedding's backward runs once over the whole batch, into the head's dE (the tied sum)
 
-With `comm` (dist.py) of several processes, each takes its own sequences of the batch, and one
-Allreduce sums the processes' losses and gradients: the same numbers again, on several machines.
+With `comm` (dist.py) of several processes, each takes its own sequences of the batch, and the
+processes' losses and gradients are summed: the same numbers again, on several machines. The head's
+dE (95% of the numbers) is final first, so it goes on the wire while step 3 runs; the lookup's
+gradient, final last, goes with the core's as the rows of the batch's distinct tokens.
 tests/test_fast.py proves it equal to the plain step, for every head and every training option.
 """
 import numpy as np
@@ -33,10 +35,12 @@ from .threads import add_into, default_workers, run_shards, split
 
 
 def loss_and_grads(model, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss_frac=1.0, rng=None,
-                   train_embed=True, workers=None, chunk=DEFAULT_CHUNK, comm=None):
+                   train_embed=True, workers=None, chunk=DEFAULT_CHUNK, comm=None, wire="full", overlap=True):
     """model.loss_and_grads(idx, targets, ...) on `workers` cores (default: threads.default_workers),
-    and with `comm` (dist.world()) on every process of the job. train_embed=False also skips the
-    head's third GEMM (dE)."""
+    and with `comm` (dist.world()) on every process of the job, the gradients crossing between them
+    as `wire` says (dist.py). train_embed=False also skips the head's third GEMM (dE). overlap: the
+    head's dE goes on the wire as soon as it is final, while the rest of the backward runs (False:
+    everything after the backward, as before; for benchmarks)."""
     idx, targets = np.asarray(idx), np.asarray(targets)
     rows = model.counted_rows(targets.size, loss_frac, rng)          # of the whole batch
     opts = dict(label_smoothing=label_smoothing, z_loss=z_loss, train_embed=train_embed, workers=workers,
@@ -46,16 +50,26 @@ def loss_and_grads(model, idx, targets, *, label_smoothing=0.0, z_loss=0.0, loss
     B, T = targets.shape                                             # this process's sequences b0 .. b1-1
     b0, b1 = B * comm.rank // comm.size, B * (comm.rank + 1) // comm.size
     mine = None if rows is None else rows[(rows >= b0 * T) & (rows < b1 * T)] - b0 * T
-    loss, grads = part_loss_and_grads(model, idx[b0:b1], targets[b0:b1], mine, targets.size if rows is None
-                                      else rows.size, **opts)
-    return comm.sum_grads(loss, grads)                               # one Allreduce
+    denom = targets.size if rows is None else rows.size
+    if not (train_embed and overlap):
+        loss, grads = part_loss_and_grads(model, idx[b0:b1], targets[b0:b1], mine, denom, **opts)
+        return comm.sum_grads(loss, grads, wire)                     # one Allreduce
+    loss, grads, dx = part_loss_and_grads(model, idx[b0:b1], targets[b0:b1], mine, denom, **opts,
+                                          head_done=lambda g: comm.send_early(g["embed.w"], wire))
+    tokens = np.unique(idx)                   # the lookup's gradient: the rows of the whole batch's tokens
+    grads["embed.w"] = embedding_backward_sorted(dx, np.searchsorted(tokens, idx[b0:b1]),
+                                                 np.zeros((tokens.size, dx.shape[-1]), dx.dtype))
+    return comm.sum_grads(loss, grads, wire, tokens)                 # the rest, and dE's rows added
 
 
 def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0, z_loss=0.0, train_embed=True,
-                        workers=None, chunk=DEFAULT_CHUNK):
+                        workers=None, chunk=DEFAULT_CHUNK, head_done=None):
     """The step for a part of a larger batch (dist.py: one process's rows of the global batch):
     the loss summed over the counted positions `rows` of this part (None: all) divided by `denom`,
-    the count of the whole batch, and its gradients. The parts' results add up to the whole's."""
+    the count of the whole batch, and its gradients. The parts' results add up to the whole's.
+    head_done(grads_head), if given, is called as soon as the head's gradients are final (dist.py
+    sends the head's dE while the backward goes on); the embedding's lookup gradient is then left
+    to the caller: -> (loss, grads, dx), dx (B,T,C) the gradient at the lookup's output."""
     idx, targets = model.check_ids(idx), np.asarray(targets)
     B, T = targets.shape
     shards = split(B, workers or default_workers())
@@ -72,6 +86,8 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
     # 2. the head over all N rows: the loss, dh, and the gradients of the head's weights
     loss, dh, grads_head = _head(model, h, targets.reshape(-1), rows, denom, label_smoothing, z_loss,
                                  train_embed, [(a * T, b * T) for a, b in shards], chunk)
+    if head_done is not None:
+        head_done(grads_head)
 
     # 3. backward, one shard per core
     def backward(i, b0, b1):
@@ -85,6 +101,8 @@ def part_loss_and_grads(model, idx, targets, rows, denom, *, label_smoothing=0.0
     grads.update(grads_head)
     if train_embed:                                     # tied: the head's dE plus the lookup's
         dx = np.concatenate([dx_s for dx_s, _ in results])
+        if head_done is not None:
+            return float(loss), grads, dx
         with section("embedding"):
             embedding_backward_sorted(dx, idx, grads["embed.w"])
     return float(loss), grads
