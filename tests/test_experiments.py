@@ -143,7 +143,7 @@ def test_evaluate_any_checkpoint_on_any_text(corpus, capsys):
     assert capsys.readouterr().err.startswith("error: checkpoint nowhere does not exist")
 
 
-def test_compare_runs_named_variants(corpus, tmp_path, capsys):
+def test_compare_runs_named_variants(corpus, tmp_path, capsys, monkeypatch):
     from nanoternary.tools import compare
     out = str(tmp_path / "cmp")
     assert compare.main(["--data", corpus, "--minutes", "0.03", "--out", out, "base=", "float=--no-ternary",
@@ -159,3 +159,12 @@ def test_compare_runs_named_variants(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--data", corpus, "bad variant"])
     assert "NAME=\"FLAGS\"" in capsys.readouterr().err
+    checked = []                                                   # --peer before a variant: not its PYTHON
+
+    def no_peer(python):
+        checked.append(python)
+        raise SystemExit(3)
+    monkeypatch.setattr(compare, "check_peer", no_peer)
+    with pytest.raises(SystemExit):
+        compare.main(["--peer", "base=", "--out", out])
+    assert checked == [sys.executable]

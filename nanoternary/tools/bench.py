@@ -240,7 +240,11 @@ def bench_head(batch_size=8, seq_len=256, repeat=5, seed=0):
 
 def check_peer(python):
     """Exit with one line when `python` cannot import torch (the peer needs it)."""
-    if subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0:
+    try:
+        found = subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+    except OSError:                                # no such interpreter
+        found = False
+    if not found:
         sys.exit(f"error: the PyTorch peer needs torch in {python}: pip install -e \".[peer]\" (or pass "
                  f"--peer PYTHON of an environment that has it)")
 

@@ -139,6 +139,9 @@ def main(argv=None):
                     help="also train the PyTorch peer (tools/torch_train_peer.py), with this python or, "
                          "without PYTHON, this one (pip install -e \".[peer]\")")
     args = ap.parse_args(argv)
+    if args.peer and "=" in args.peer and not os.path.exists(args.peer):   # `--peer full="..."`: a variant,
+        args.variants.insert(0, args.peer)                                  # not an interpreter
+        args.peer = sys.executable
     try:
         variants = parse_variants(args.variants)
         if not args.minutes > 0:
