@@ -12,9 +12,47 @@ its earlier sessions in it, so the card always covers the whole run.
 nanochat writes such a card for every run; this is ours. render() builds the text from a dict
 (run.py's Run.report_info()), so tests can read it without a run.
 """
+import dataclasses
 import os
 
+import numpy as np
+
+from . import config
 from .fileio import atomic_open
+
+
+def changed_settings(cfg, model_cfg):
+    """-> (the settings that differ from their defaults as (flag, value, default) rows, the defaults
+    that train.py's resolve_defaults filled in as (flag, value))."""
+    changed, resolved = [], []
+    for c in (cfg, model_cfg):
+        for f in dataclasses.fields(c):
+            value, default = getattr(c, f.name), f.default
+            if f.name == "out" or value == default:
+                continue
+            if default is None and f.name in ("loss_frac", "freeze_embed_steps", "max_steps"):
+                resolved.append((config.flag(f.name), value))
+            else:
+                changed.append((f"`{config.flag(f.name)}`", _show(value), _show(default)))
+    return changed, resolved
+
+
+def _show(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else " ".join(v) if isinstance(v, list) \
+        else "-" if v is None else v
+
+
+def sample(model, path=None, prompt="The", n=48, seed=0):
+    """A short continuation from `model` (the final weights, or those of the checkpoint at `path`)."""
+    from .generate import Generator
+    from .tokenizer import get_encoding
+    if not all(np.isfinite(v).all() for v in model.params.values()):
+        return None
+    enc = get_encoding()
+    ids = list(Generator(model, kernel="blas").generate(enc.encode(prompt), n, 0.8, 200, None,
+                                                         np.random.default_rng(seed), stop_at_eot=False))
+    return {"weights": path or "the final weights", "prompt": prompt, "tokens": n, "temperature": 0.8,
+            "top_k": 200, "seed": seed, "text": prompt + enc.decode(ids)}
 
 
 def _fmt_time(seconds):

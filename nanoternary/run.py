@@ -393,44 +393,21 @@ class Run:
 
     def report_info(self, ended, sample_from=None):
         """What report.render needs, from the run's settings, log and state."""
-        cfg, mcfg = self.cfg, self.model.cfg
-        changed, resolved = [], []
-        for c in (cfg, mcfg):
-            for f in dataclasses.fields(c):
-                value, default = getattr(c, f.name), f.default
-                if f.name == "out" or value == default:
-                    continue
-                if default is None and f.name in ("loss_frac", "freeze_embed_steps", "max_steps"):
-                    resolved.append((config.flag(f.name), value))
-                else:
-                    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else " ".join(v) \
-                        if isinstance(v, list) else "-" if v is None else v
-                    changed.append((f"`{config.flag(f.name)}`", show(value), show(default)))
+        cfg = self.cfg
+        changed, resolved = report.changed_settings(cfg, self.model.cfg)
         return {
             "out": cfg.out, "status": ended, "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
             "sessions": self.sessions + [self.session_now(ended)], "changed": changed, "resolved": resolved,
-            "params": self.model.param_counts()["total"], "head": mcfg.head, "ternary": mcfg.ternary,
-            "embed_source": self.embed_source, "data": {**self.data.meta, "path": self.data.path},
+            "params": self.model.param_counts()["total"], "head": self.model.cfg.head,
+            "ternary": self.model.cfg.ternary, "embed_source": self.embed_source,
+            "data": {**self.data.meta, "path": self.data.path},
             "processes": self.comm.size, "threads": "1 thread (--plain)" if cfg.plain else f"{default_workers()} thread(s)",
             "shares": self.shares, "shares_note": "every step, --profile" if self.show_profile else
             "steps 3-5 of the last session, timed by part; CPU time summed over threads",
             "records": runlog.read(self.log_path) if os.path.exists(self.log_path) else [],
-            "sample": self.sample(sample_from), "checkpoints": [f for f in (LATEST, BEST)
-                                                                if os.path.exists(os.path.join(cfg.out, f))],
+            "sample": report.sample(load_model(sample_from) if sample_from else self.model, sample_from),
+            "checkpoints": [f for f in (LATEST, BEST) if os.path.exists(os.path.join(cfg.out, f))],
         }
-
-    def sample(self, path=None, prompt="The", n=48, seed=0):
-        """A short continuation from the final weights (or the checkpoint at `path`), for the report."""
-        from .generate import Generator
-        from .tokenizer import get_encoding
-        model = load_model(path) if path else self.model
-        if not all(np.isfinite(v).all() for v in model.params.values()):
-            return None
-        enc = get_encoding()
-        ids = list(Generator(model, kernel="blas").generate(enc.encode(prompt), n, 0.8, 200, None,
-                                                             np.random.default_rng(seed), stop_at_eot=False))
-        return {"weights": path or "the final weights", "prompt": prompt, "tokens": n, "temperature": 0.8,
-                "top_k": 200, "seed": seed, "text": prompt + enc.decode(ids)}
 
 
 def _finite(x, digits):
