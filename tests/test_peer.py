@@ -150,3 +150,5 @@ def test_train_peer_runs_and_logs(tmp_path, monkeypatch, capsys):
     assert set(recs[0]) == {"step", "tokens", "elapsed", "train_loss", "val_loss"}
     assert recs[-1]["final"] and recs[-1]["tokens"] == 2 * 4 * 4 * 128
     assert all(np.isfinite(r["val_loss"]) for r in recs)
+    from nanoternary import runlog                 # compare reads the peer's log as train.py's: every record,
+    assert runlog.read(out) == recs                # the final one too (its last steps and validation loss)

@@ -100,6 +100,11 @@ def plot(summary, path):
             t, n, v = zip(*s["curve"])
             axes[0].plot([x / 60 for x in t], v, "o-", ms=3, label=name)
             axes[1].plot([x / 1e6 for x in n], v, "o-", ms=3, label=name)
+    late = [v for s in summary.values() for (_, n, v) in s["curve"]       # leave out evaluations in a run's
+            if n > 0.05 * max(m for _, m, _ in s["curve"])]                # first 5% (10.8 nats at step 1),
+    if late:                                                               # which would flatten the rest
+        pad = 0.05 * (max(late) - min(late) + 0.1)
+        axes[0].set_ylim(min(late) - pad, max(late) + pad)
     axes[0].set_xlabel("minutes of wall clock")
     axes[1].set_xlabel("training tokens (millions)")
     axes[0].set_ylabel("validation NLL (nats/token)")

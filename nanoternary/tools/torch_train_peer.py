@@ -173,7 +173,8 @@ def main(argv=None):
                 if step % EVAL_EVERY == 0 or step == 1:
                     rec["val_loss"] = round(evaluate(), 4)
                 print(json.dumps(record(**rec)), flush=True)
-        rec = record(step=step, tokens=tokens, elapsed=round(time.time() - t0, 1),
+        rec = record(step=step, tokens=tokens, elapsed=round(time.time() - t0, 1),   # a full record (runlog.valid),
+                     train_loss=round(train_loss, 4) if step else None,              # or compare would miss it
                      val_loss=round(evaluate(), 4), final=True)
     print(json.dumps(rec))
 
