@@ -101,7 +101,7 @@ class Run:
         self.shares, self.profiler, self.ended = None, contextlib.ExitStack(), None
         self.rng = np.random.default_rng(cfg.seed)            # batches
         self.last = self.stopped = False
-        self.signal, self.old_handlers, self.stack = None, {}, contextlib.ExitStack()
+        self.signal, self.received, self.old_handlers, self.stack = None, None, {}, contextlib.ExitStack()
         self.log_path = os.path.join(cfg.out, "log.jsonl") if comm.rank == 0 else None   # rank 0 alone writes
         self.resumed, self.saved_state, self.where, self.saved = None, None, resume_from, {}
         if resume_from:                                       # rank 0 reads it, every rank gets it
@@ -165,9 +165,10 @@ class Run:
         self.p0 = self.progress()                  # for the ETA
 
     def on_signal(self, signum, frame):
-        if self.signal is not None:                # a second Ctrl-C: stop right now
-            raise Interrupted(signum)
-        self.signal = signal.Signals(signum).name
+        if self.received is not None:              # a second Ctrl-C to this process: stop right now
+            raise Interrupted(signum)              # (self.signal may be rank 0's, copied by sync)
+        self.received = signal.Signals(signum).name
+        self.signal = self.signal or self.received
         print(f"\n{self.signal}: finishing this step, saving a checkpoint and stopping "
               f"(again to stop at once)", flush=True)
 

@@ -173,3 +173,16 @@ def test_ctrl_c_under_mpiexec_saves_and_stops(corpus, tmp_path):
     m = Model.load(str(tmp_path / "c"))
     assert m.meta["step"] >= 3 and m.meta["step"] == read_log(tmp_path / "c")[-1]["step"]
     assert json.loads(open(tmp_path / "c" / "log.jsonl").readlines()[-1])["step"] == m.meta["step"]
+
+
+def test_a_rank_that_has_rank0s_ctrl_c_finishes_the_step_when_its_own_copy_arrives():
+    """mpiexec forwards one Ctrl-C to every rank, not at the same moment: when rank 0's has already
+    reached rank 1 through sync(), rank 1's own copy is its first, not a second Ctrl-C (which would
+    stop rank 1 at once and leave rank 0 waiting in the last step's collectives)."""
+    from nanoternary.run import Interrupted, Run
+    r = Run.__new__(Run)
+    r.signal, r.received = "SIGINT", None          # rank 0's, copied by sync()
+    r.on_signal(signal.SIGINT, None)               # this rank's own copy: finish the step
+    assert (r.signal, r.received) == ("SIGINT", "SIGINT")
+    with pytest.raises(Interrupted):               # a second one to this process: stop at once
+        r.on_signal(signal.SIGINT, None)
